@@ -1,0 +1,211 @@
+"""Configuration of ADSC-LLaVA: a LLaVA model that drops vision tokens inside its language model.
+
+This file is shipped inside every ADSC checkpoint (remote code), so it imports only `torch`-free standard modules
+and `transformers`.
+
+The pruning schedule is two numbers' worth of state:
+
+- `adsc_pruning_layers`: 0-based indices of the decoder layers at whose *input* vision tokens are downsampled;
+- `adsc_drop_ratio` (`r`): at each of those layers every image keeps `floor((1 - r) * n)` of its `n` alive tokens.
+
+The paper's "budget" is the mean, over all decoder layers, of the vision tokens (per image) that each layer sees.
+"""
+
+import math
+
+from huggingface_hub.dataclasses import strict
+from transformers import LlavaConfig
+
+# The paper's pruning layers for a 32-layer LLM (LLaVA-1.5-7B); other depths scale them proportionally.
+PAPER_PRUNING_LAYERS = (2, 8, 16, 24)
+PAPER_NUM_LAYERS = 32
+
+
+def num_kept_tokens(num_tokens: int, drop_ratio: float) -> int:
+    """Vision tokens an image keeps at one pruning layer: `floor((1 - r) * n)`."""
+    return math.floor((1.0 - drop_ratio) * num_tokens)
+
+
+def vision_tokens_per_layer(
+    num_layers: int, pruning_layers: list[int], drop_ratio: float, num_vision_tokens: int
+) -> list[int]:
+    """Vision tokens (per image) that each of the `num_layers` decoder layers sees under a schedule."""
+    pruning_set = set(pruning_layers)
+    tokens_per_layer, alive = [], num_vision_tokens
+    for layer_idx in range(num_layers):
+        if layer_idx in pruning_set:
+            alive = num_kept_tokens(alive, drop_ratio)
+        tokens_per_layer.append(alive)
+    return tokens_per_layer
+
+
+def average_vision_tokens(
+    num_layers: int, pruning_layers: list[int], drop_ratio: float, num_vision_tokens: int
+) -> float:
+    """The paper's budget: mean over all decoder layers of the vision tokens (per image) each layer sees."""
+    return sum(vision_tokens_per_layer(num_layers, pruning_layers, drop_ratio, num_vision_tokens)) / num_layers
+
+
+def default_pruning_layers(num_layers: int) -> list[int]:
+    """The paper's layers `[2, 8, 16, 24]` (of 32) scaled to `num_layers`, kept strictly increasing in `[1, L)`."""
+    layers: list[int] = []
+    for paper_layer in PAPER_PRUNING_LAYERS:
+        layer = min(max(round(paper_layer * num_layers / PAPER_NUM_LAYERS), 1), num_layers - 1)
+        if layer >= 1 and (not layers or layer > layers[-1]):
+            layers.append(layer)
+    return layers
+
+
+def reachable_budget_range(num_layers: int, pruning_layers: list[int], num_vision_tokens: int) -> tuple[float, float]:
+    """(smallest, largest) average budget a schedule with these layers can reach for some `r` in `[0, 1)`.
+
+    The smallest drops every vision token at the first pruning layer, so only the layers before it see any.
+    """
+    if not pruning_layers:
+        return float(num_vision_tokens), float(num_vision_tokens)
+    return num_vision_tokens * pruning_layers[0] / num_layers, float(num_vision_tokens)
+
+
+def solve_drop_ratio(num_layers: int, pruning_layers: list[int], num_vision_tokens: int, budget: float) -> float:
+    """The smallest drop ratio `r` whose average budget does not exceed `budget`.
+
+    The average budget is a non-increasing step function of `r`, so the answer is found by bisection and then
+    rounded *up* to the fewest decimals (at least 4) that keep the same tokens per layer: e.g. budgets 192 / 128 /
+    64 of 576 tokens on 32 layers pruned at `[2, 8, 16, 24]` give r = 0.4180 / 0.5608 / 0.8004.
+
+    Raises:
+        ValueError: if `budget` is outside the range these layers can reach.
+    """
+    low, high = reachable_budget_range(num_layers, pruning_layers, num_vision_tokens)
+    if not low <= budget <= high:
+        raise ValueError(
+            f"Budget {budget} vision tokens is unreachable with pruning layers {pruning_layers} on {num_layers} "
+            f"layers and {num_vision_tokens} vision tokens: the reachable range is [{low:g}, {high:g}] "
+            "(an earlier first pruning layer reaches smaller budgets)."
+        )
+
+    def average(ratio: float) -> float:
+        return average_vision_tokens(num_layers, pruning_layers, ratio, num_vision_tokens)
+
+    if average(0.0) <= budget:
+        return 0.0
+    # Invariant: average(lo) > budget >= average(hi). The largest r below 1 in float is 1 - 2**-53.
+    lo, hi = 0.0, 1.0 - 2.0**-53
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if mid in (lo, hi):
+            break
+        if average(mid) <= budget:
+            hi = mid
+        else:
+            lo = mid
+    schedule = vision_tokens_per_layer(num_layers, pruning_layers, hi, num_vision_tokens)
+    for decimals in range(4, 16):
+        rounded = math.ceil(hi * 10**decimals) / 10**decimals
+        if rounded < 1.0 and vision_tokens_per_layer(num_layers, pruning_layers, rounded, num_vision_tokens) == schedule:
+            return rounded
+    return hi
+
+
+def validate_schedule(num_layers: int, pruning_layers: list[int], drop_ratio: float) -> None:
+    """Raise a `ValueError` naming the bad value and its limit if the schedule is not well formed."""
+    if not 0.0 <= drop_ratio < 1.0:
+        raise ValueError(f"adsc_drop_ratio must be in [0, 1), got {drop_ratio}.")
+    for layer in pruning_layers:
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise ValueError(f"adsc_pruning_layers must hold integers, got {layer!r} in {pruning_layers}.")
+        if not 1 <= layer < num_layers:
+            raise ValueError(
+                f"adsc_pruning_layers entry {layer} is out of range: each must be in [1, {num_layers}) "
+                f"(num_hidden_layers={num_layers}; layer 0 always sees every token)."
+            )
+    for previous, current in zip(pruning_layers, pruning_layers[1:]):
+        if current <= previous:
+            raise ValueError(f"adsc_pruning_layers must be strictly increasing, got {pruning_layers}.")
+
+
+@strict
+class AdscLlavaConfig(LlavaConfig):
+    r"""
+    Configuration of [`AdscLlavaForConditionalGeneration`]: a [`LlavaConfig`] plus the ADSC pruning schedule.
+
+    Args:
+        adsc_pruning_layers (`list[int]`, *optional*, defaults to `[]`):
+            0-based indices of the decoder layers at whose input the vision tokens are downsampled. Strictly
+            increasing, each in `[1, text_config.num_hidden_layers)`. Empty means no pruning (stock LLaVA).
+        adsc_drop_ratio (`float`, *optional*, defaults to 0.0):
+            The drop ratio `r` in `[0, 1)`: at each pruning layer every image keeps `floor((1 - r) * n)` of the `n`
+            vision tokens it still has, at the positions given by `uniform_keep_indices`.
+
+    Example:
+
+    ```python
+    >>> from transformers import LlavaConfig
+    >>> config = AdscLlavaConfig.from_llava_config(LlavaConfig(), budget=192)
+    >>> config.adsc_pruning_layers, config.adsc_drop_ratio
+    ([2, 8, 16, 24], 0.418)
+    >>> config.average_vision_tokens()
+    191.5625
+    ```"""
+
+    model_type = "adsc_llava"
+
+    adsc_pruning_layers: list[int] | None = None
+    adsc_drop_ratio: float | int = 0.0
+
+    def __post_init__(self, **kwargs):
+        if self.adsc_pruning_layers is None:
+            self.adsc_pruning_layers = []
+        self.adsc_pruning_layers = list(self.adsc_pruning_layers)
+        self.adsc_drop_ratio = float(self.adsc_drop_ratio)
+        super().__post_init__(**kwargs)
+        # Checked here rather than in a `@strict` validator so that users get the plain `ValueError` they catch.
+        validate_schedule(self.text_config.num_hidden_layers, self.adsc_pruning_layers, self.adsc_drop_ratio)
+
+    def vision_tokens_per_layer(self, num_vision_tokens: int | None = None) -> list[int]:
+        """Vision tokens per image seen by each decoder layer (defaults to `image_seq_length` tokens per image)."""
+        num_vision_tokens = self.image_seq_length if num_vision_tokens is None else num_vision_tokens
+        return vision_tokens_per_layer(
+            self.text_config.num_hidden_layers, self.adsc_pruning_layers, self.adsc_drop_ratio, num_vision_tokens
+        )
+
+    def average_vision_tokens(self, num_vision_tokens: int | None = None) -> float:
+        """The paper's budget: mean over all decoder layers of the vision tokens per image each layer sees."""
+        tokens_per_layer = self.vision_tokens_per_layer(num_vision_tokens)
+        return sum(tokens_per_layer) / len(tokens_per_layer)
+
+    @classmethod
+    def from_llava_config(
+        cls,
+        llava_config: LlavaConfig,
+        *,
+        pruning_layers: list[int] | None = None,
+        drop_ratio: float | None = None,
+        budget: float | None = None,
+    ) -> "AdscLlavaConfig":
+        """Build an ADSC config from a stock LLaVA config and a schedule.
+
+        Args:
+            llava_config: the stock (or ADSC) LLaVA config; all its fields are kept.
+            pruning_layers: the pruning layers; defaults to the paper's `[2, 8, 16, 24]` scaled to the depth.
+            drop_ratio: the drop ratio `r`. Give this or `budget`, not both; neither means no pruning.
+            budget: target average vision tokens per layer (e.g. 192 of 576); `r` is solved with
+                `solve_drop_ratio` for `pruning_layers`.
+        """
+        if drop_ratio is not None and budget is not None:
+            raise ValueError("Give either drop_ratio or budget, not both.")
+        config_dict = llava_config.to_dict()
+        for key in ("model_type", "architectures", "auto_map", "transformers_version"):
+            config_dict.pop(key, None)
+        num_layers = llava_config.text_config.num_hidden_layers
+        if pruning_layers is None:
+            pruning_layers = default_pruning_layers(num_layers) if (drop_ratio or budget is not None) else []
+        pruning_layers = list(pruning_layers)
+        validate_schedule(num_layers, pruning_layers, drop_ratio or 0.0)
+        if budget is not None:
+            drop_ratio = solve_drop_ratio(num_layers, pruning_layers, llava_config.image_seq_length, budget)
+        config_dict.update(adsc_pruning_layers=pruning_layers, adsc_drop_ratio=drop_ratio or 0.0)
+        return cls(**config_dict)
+
+
+__all__ = ["AdscLlavaConfig"]

@@ -1,0 +1,435 @@
+"""ADSC-LLaVA: LLaVA that drops vision tokens inside its language model (Attention-Driven Self-Compression).
+
+At each pruning layer `l` of `config.adsc_pruning_layers` every image keeps `floor((1 - r) * n)` of its `n` alive
+vision tokens, at the positions `uniform_keep_indices(n, k)`; text tokens are never dropped. From layer `l` on, the
+decoder layers see the shorter sequence, so their hidden states and KV cache are shorter. Kept tokens keep their
+original RoPE positions. Attention itself is untouched, so eager, sdpa and flash-attention all work.
+
+This file is shipped inside every ADSC checkpoint (remote code): it imports only torch, transformers and its config.
+
+How a forward runs (`AdscLlavaModel.run_decoder`):
+
+    stream = TokenStream(all input tokens)                # hidden states, positions, masks, image offsets
+    for layer in decoder layers:
+        if layer starts a stage (layer 0 or a pruning layer):
+            stream = prune_vision_tokens(stream, ...)     # gather the kept tokens (pruning layers only)
+            mask, rope = this stage's causal mask and rotary embeddings
+        stream.hidden_states = layer(stream.hidden_states, mask, rope, cache)
+    hidden states of every input position = its state after the last layer it reached, then the final norm
+
+Dropped tokens: the output at a dropped position is the hidden state the token had when it was dropped (after the
+final norm), so logits keep the stock `[batch, seq, vocab]` shape. Image tokens are never supervised in LLaVA
+training, so the loss is unaffected; do not read next-token predictions at dropped positions.
+"""
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+from transformers import LlavaForConditionalGeneration, LlavaModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+from transformers.masking_utils import create_causal_mask
+from transformers.models.llava.modeling_llava import LlavaModelOutputWithPast, LlavaPreTrainedModel
+
+from .configuration_adsc_llava import AdscLlavaConfig, num_kept_tokens, validate_schedule
+
+# Text models whose decoder layers take `(hidden_states, attention_mask, position_embeddings, cache)` and whose model
+# forward does nothing else than embed -> layers -> norm: the layer loop below is exactly their forward.
+SUPPORTED_TEXT_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+# Name of the attribute holding, on a cache filled by ADSC, the padding mask of the keys cached in each stage.
+CACHE_KEY_MASKS_ATTRIBUTE = "adsc_key_masks"
+
+
+def uniform_keep_indices(num_tokens: int, num_keep: int) -> torch.LongTensor:
+    """Which of `num_tokens` tokens survive when `num_keep` are kept: the centres of `num_keep` equal bins.
+
+    Token `floor((2i + 1) * num_tokens / (2 * num_keep))` is kept for `i = 0 .. num_keep - 1`. The result is
+    deterministic, strictly increasing, depends only on the two counts, and its gaps differ by at most one (it is
+    a floor of an arithmetic progression with step `num_tokens / num_keep >= 1`). `num_keep = num_tokens` keeps
+    everything, `num_keep = 0` keeps nothing.
+
+    Returns:
+        `torch.LongTensor` of shape `(num_keep,)`.
+    """
+    if not 0 <= num_keep <= num_tokens:
+        raise ValueError(f"num_keep must be in [0, num_tokens={num_tokens}], got {num_keep}.")
+    bins = torch.arange(num_keep, dtype=torch.long)
+    return torch.div((2 * bins + 1) * num_tokens, 2 * num_keep, rounding_mode="floor")
+
+
+def image_token_offsets(image_token_mask: torch.BoolTensor, tokens_per_image: int) -> torch.LongTensor:
+    """Index of every image token within its image, `-1` for text.
+
+    Images are consecutive runs of `tokens_per_image` image tokens (two images may touch). A row whose image tokens
+    do not split into whole, contiguous images (e.g. a prompt truncated through an image) is an error.
+
+    Args:
+        image_token_mask: `(batch, seq)`, True at image-token positions.
+        tokens_per_image: image tokens per image (the image features' length).
+
+    Returns:
+        `(batch, seq)` long tensor.
+    """
+    rank_in_row = image_token_mask.long().cumsum(dim=1) - 1
+    offsets = torch.where(image_token_mask, rank_in_row % tokens_per_image, -1)
+    tokens_in_row = image_token_mask.sum(dim=1)
+    previous_offsets = nn.functional.pad(offsets[:, :-1], (1, 0), value=-1)
+    broken_span = image_token_mask & (offsets > 0) & (previous_offsets != offsets - 1)
+    if bool((tokens_in_row % tokens_per_image).any()) or bool(broken_span.any()):
+        raise ValueError(
+            f"Truncated image span: every image needs {tokens_per_image} consecutive image tokens, but the rows hold "
+            f"{tokens_in_row.tolist()} image tokens (or a run is interrupted by text). Was the prompt truncated "
+            "through an image?"
+        )
+    return offsets
+
+
+@dataclass
+class TokenStream:
+    """The tokens one stage of decoder layers sees, in their original order, one row per sample.
+
+    Rows keep different numbers of tokens (e.g. a text-only row loses nothing), so shorter rows end in filler slots
+    that are never attended to. All tensors are `(batch, stage_len)` except `hidden_states` `(batch, stage_len, dim)`.
+    """
+
+    hidden_states: torch.Tensor
+    position_ids: torch.LongTensor  # original RoPE positions
+    source_index: torch.LongTensor  # position in this forward's input sequence
+    token_valid: torch.BoolTensor  # False for filler slots
+    key_mask: torch.BoolTensor  # may be attended to: not padding and not filler
+    image_offsets: torch.LongTensor  # index within its image's alive tokens, -1 for text
+
+
+def vision_keep_pattern(num_alive: int, drop_ratio: float, device: torch.device) -> torch.BoolTensor:
+    """`(num_alive,)` mask of an image's alive vision tokens that survive one pruning layer."""
+    keep_pattern = torch.zeros(num_alive, dtype=torch.bool, device=device)
+    keep_pattern[uniform_keep_indices(num_alive, num_kept_tokens(num_alive, drop_ratio)).to(device)] = True
+    return keep_pattern
+
+
+def prune_vision_tokens(stream: TokenStream, keep_pattern: torch.BoolTensor) -> TokenStream:
+    """Keep text tokens and the vision tokens that `keep_pattern` selects in every image, compacting each row.
+
+    Args:
+        stream: the tokens of the stage that ends here.
+        keep_pattern: `(num_alive,)` bool, which of an image's alive vision tokens survive.
+
+    Returns:
+        The next stage's stream: kept tokens first in their original order, then filler slots.
+    """
+    is_vision = stream.image_offsets >= 0
+    keeps_vision = keep_pattern[stream.image_offsets.clamp(min=0)]
+    keep = stream.token_valid & (~is_vision | keeps_vision)
+    num_kept = keep.sum(dim=1)
+    # A stable sort puts each row's kept slots first, in order; one gather moves every per-token tensor.
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, : int(num_kept.max())]
+    token_valid = torch.arange(order.shape[1], device=order.device) < num_kept[:, None]
+    new_offset_of = keep_pattern.long().cumsum(0) - 1  # rank of each surviving token among the survivors
+    image_offsets = torch.where(is_vision, new_offset_of[stream.image_offsets.clamp(min=0)], -1)
+    return TokenStream(
+        hidden_states=stream.hidden_states.gather(1, order[..., None].expand(-1, -1, stream.hidden_states.shape[-1])),
+        position_ids=stream.position_ids.gather(1, order),
+        source_index=stream.source_index.gather(1, order),
+        token_valid=token_valid,
+        key_mask=stream.key_mask.gather(1, order) & token_valid,
+        image_offsets=torch.where(token_valid, image_offsets.gather(1, order), -1),
+    )
+
+
+def scatter_to_input_positions(
+    outputs: torch.Tensor | None, stream: TokenStream, sequence_length: int
+) -> torch.Tensor:
+    """Write the stream's valid hidden states at their input positions of `outputs` `(batch, seq, dim)`."""
+    batch_size, _, hidden_size = stream.hidden_states.shape
+    if outputs is None:
+        outputs = stream.hidden_states.new_zeros(batch_size, sequence_length, hidden_size)
+    # Filler slots are sent to an extra trash column, dropped right after.
+    index = torch.where(stream.token_valid, stream.source_index, sequence_length)
+    padded = nn.functional.pad(outputs, (0, 0, 0, 1))
+    padded = padded.scatter(1, index[..., None].expand(-1, -1, hidden_size), stream.hidden_states)
+    return padded[:, :sequence_length]
+
+
+class AdscLlavaModel(LlavaModel):
+    """`LlavaModel` whose language model drops vision tokens at `config.adsc_pruning_layers`."""
+
+    config_class = AdscLlavaConfig
+
+    def __init__(self, config: AdscLlavaConfig):
+        check_text_model_supported(config)
+        super().__init__(config)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        image_sizes: torch.Tensor | None = None,
+        mm_encoder_outputs: dict | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> LlavaModelOutputWithPast:
+        """Same inputs and outputs as `LlavaModel.forward`; `last_hidden_state` is `(batch, seq, hidden)`."""
+        if "past_key_values" in kwargs:  # the pre-5.x name, still accepted by stock models
+            cache = kwargs.pop("past_key_values")
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if pixel_values is not None and mm_encoder_outputs is not None:
+            raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs at the same time")
+        if kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
+            raise ValueError(
+                "ADSC-LLaVA does not return per-layer attentions or hidden states: after a pruning layer the layers "
+                "see different tokens. Use a stock LlavaForConditionalGeneration for that analysis."
+            )
+
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        image_token_mask = self.image_token_mask(input_ids, inputs_embeds)
+
+        mm_encoder_outputs = dict(mm_encoder_outputs) if mm_encoder_outputs is not None else {}
+        if mm_encoder_outputs.get("image") is None and pixel_values is not None:
+            mm_encoder_outputs["image"] = self.get_image_features(
+                pixel_values=pixel_values,
+                vision_feature_layer=vision_feature_layer,
+                vision_feature_select_strategy=vision_feature_select_strategy,
+                image_sizes=image_sizes,
+                return_dict=True,
+                **kwargs,
+            )
+        tokens_per_image = self.config.image_seq_length
+        if mm_encoder_outputs.get("image") is not None:
+            image_features = mm_encoder_outputs["image"].pooler_output
+            tokens_per_image = image_features[0].shape[0]
+            image_features = torch.cat(list(image_features), dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
+            if int(image_token_mask.sum()) != image_features.shape[0]:
+                raise ValueError(
+                    f"Image features and image tokens do not match: the prompt holds {int(image_token_mask.sum())} "
+                    f"image tokens but the images give {image_features.shape[0]} features "
+                    f"({len(mm_encoder_outputs['image'].pooler_output)} images x {tokens_per_image})."
+                )
+            inputs_embeds = inputs_embeds.masked_scatter(image_token_mask[..., None], image_features)
+
+        image_offsets = image_token_offsets(image_token_mask, tokens_per_image)
+        last_hidden_state, cache = self.run_decoder(
+            inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=self.config.text_config.use_cache if use_cache is None else use_cache,
+            image_offsets=image_offsets,
+            tokens_per_image=tokens_per_image,
+            **kwargs,
+        )
+        return LlavaModelOutputWithPast(
+            last_hidden_state=last_hidden_state, cache=cache, image_outputs=mm_encoder_outputs.get("image")
+        )
+
+    def image_token_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor) -> torch.BoolTensor:
+        """`(batch, seq)` mask of the image placeholder tokens (from ids, or from embeddings as stock LLaVA does)."""
+        if input_ids is not None:
+            return input_ids == self.config.image_token_id
+        image_token_embedding = self.get_input_embeddings()(
+            torch.tensor(self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
+        )
+        return (inputs_embeds == image_token_embedding).all(dim=-1)
+
+    def run_decoder(
+        self,
+        inputs_embeds: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor | None,
+        cache: Cache | None,
+        use_cache: bool,
+        image_offsets: torch.LongTensor,
+        tokens_per_image: int,
+        **kwargs,
+    ) -> tuple[torch.Tensor, Cache | None]:
+        """The language model's forward with vision tokens dropped at the pruning layers.
+
+        Args:
+            inputs_embeds: `(batch, seq, hidden)` embeddings with image features merged in.
+            attention_mask: `(batch, past + seq)` padding mask over the original positions, or None.
+            position_ids: `(batch, seq)` RoPE positions; default `past + arange(seq)` (past = layer 0's cache).
+            cache: a `DynamicCache` (or None); each layer caches only the tokens it saw.
+            image_offsets: `(batch, seq)` index of each image token within its image, -1 for text.
+            tokens_per_image: vision tokens per image at the input.
+
+        Returns:
+            `(batch, seq, hidden)` normed hidden states at every input position, and the cache.
+        """
+        config = self.config
+        validate_schedule(config.text_config.num_hidden_layers, config.adsc_pruning_layers, config.adsc_drop_ratio)
+        language_model = self.language_model
+        batch_size, sequence_length, _ = inputs_embeds.shape
+        device = inputs_embeds.device
+
+        if cache is not None and (not isinstance(cache, DynamicCache) or cache.is_compileable):
+            raise ValueError(
+                f"ADSC-LLaVA needs a DynamicCache, got {type(cache).__name__}: static / compile caches give every "
+                "layer the same length, but after a pruning layer the layers cache fewer tokens."
+            )
+        if use_cache and cache is None:
+            cache = DynamicCache(config=config.text_config)
+        if attention_mask is not None and attention_mask.ndim != 2:
+            raise ValueError(
+                "ADSC-LLaVA builds one causal mask per pruning stage and needs the 2D padding mask "
+                f"(batch, seq); got a {attention_mask.ndim}D attention_mask."
+            )
+        past_length = cache.get_seq_length(0) if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past_length, past_length + sequence_length, device=device)
+        position_ids = position_ids.expand(batch_size, -1)
+        token_padding_mask = (
+            attention_mask[:, -sequence_length:].bool()
+            if attention_mask is not None
+            else torch.ones(batch_size, sequence_length, dtype=torch.bool, device=device)
+        )
+
+        stream = TokenStream(
+            hidden_states=inputs_embeds,
+            position_ids=position_ids,
+            source_index=torch.arange(sequence_length, device=device).expand(batch_size, -1),
+            token_valid=torch.ones(batch_size, sequence_length, dtype=torch.bool, device=device),
+            key_mask=token_padding_mask,
+            image_offsets=image_offsets,
+        )
+        has_vision_tokens = bool((image_offsets >= 0).any())
+        pruning_layers = set(config.adsc_pruning_layers)
+        alive_per_image = tokens_per_image
+        dropped_outputs = None  # hidden states of dropped tokens, at their input positions
+
+        for layer_idx, decoder_layer in enumerate(language_model.layers[: config.text_config.num_hidden_layers]):
+            if layer_idx == 0 or layer_idx in pruning_layers:
+                if layer_idx > 0 and has_vision_tokens:
+                    dropped_outputs = scatter_to_input_positions(dropped_outputs, stream, sequence_length)
+                    keep_pattern = vision_keep_pattern(alive_per_image, config.adsc_drop_ratio, device)
+                    stream = prune_vision_tokens(stream, keep_pattern)
+                    alive_per_image = int(keep_pattern.sum())
+                causal_mask = self.stage_causal_mask(stream, cache, layer_idx, attention_mask)
+                position_embeddings = language_model.rotary_emb(stream.hidden_states, stream.position_ids)
+            # position_ids are deliberately not passed: the RoPE above carries them, and flash-attention would read
+            # the gaps left by dropped tokens as boundaries of packed sequences.
+            hidden_states = decoder_layer(
+                stream.hidden_states,
+                attention_mask=causal_mask,
+                position_embeddings=position_embeddings,
+                cache=cache,
+                use_cache=use_cache,
+                **kwargs,
+            )
+            stream = replace(stream, hidden_states=hidden_states)
+
+        if dropped_outputs is not None:
+            hidden_states = scatter_to_input_positions(dropped_outputs, stream, sequence_length)
+        return language_model.norm(hidden_states), cache
+
+    def stage_causal_mask(
+        self, stream: TokenStream, cache: Cache | None, layer_idx: int, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """The causal mask for the layers from `layer_idx` to the next pruning layer, in the attention's format.
+
+        Keys are this stage's cached tokens followed by the stream's tokens, so the 2D padding mask is the one stored
+        for this stage at earlier forwards plus the stream's own. It is always passed explicitly: with gapped
+        positions and no 2D mask, transformers would guess a packed (block-diagonal) mask.
+        """
+        past_key_mask = self.past_key_mask(stream, cache, layer_idx, attention_mask)
+        key_mask = torch.cat([past_key_mask, stream.key_mask], dim=1)
+        if cache is not None:
+            key_masks = getattr(cache, CACHE_KEY_MASKS_ATTRIBUTE, None)
+            if key_masks is None:
+                key_masks = {}
+                setattr(cache, CACHE_KEY_MASKS_ATTRIBUTE, key_masks)
+            key_masks[layer_idx] = key_mask
+        return create_causal_mask(
+            config=self.language_model.config,
+            inputs_embeds=stream.hidden_states,
+            attention_mask=key_mask,
+            cache=cache,
+            position_ids=stream.position_ids,
+            layer_idx=layer_idx,
+        )
+
+    @staticmethod
+    def past_key_mask(
+        stream: TokenStream, cache: Cache | None, layer_idx: int, attention_mask: torch.Tensor | None
+    ) -> torch.BoolTensor:
+        """`(batch, past)` padding mask of the keys this stage cached at earlier forwards."""
+        batch_size = stream.key_mask.shape[0]
+        past_length = cache.get_seq_length(layer_idx) if cache is not None else 0
+        stored = getattr(cache, CACHE_KEY_MASKS_ATTRIBUTE, {}).get(layer_idx) if cache is not None else None
+        if stored is not None:
+            if stored.shape[0] != batch_size or stored.shape[1] < past_length:
+                raise ValueError(
+                    f"The cache's layer {layer_idx} holds {past_length} tokens of batch size {batch_size}, but ADSC "
+                    f"stored a padding mask of shape {tuple(stored.shape)}: the cache was changed outside ADSC "
+                    "(batch selection or reordering other than beam search)."
+                )
+            return stored[:, :past_length]  # a cropped cache (assisted decoding) keeps the first tokens
+        if past_length == 0:
+            return stream.key_mask.new_zeros(batch_size, 0)
+        if layer_idx == 0:  # a cache filled elsewhere: layer 0 holds the original positions
+            if attention_mask is None:
+                return stream.key_mask.new_ones(batch_size, past_length)
+            return attention_mask[:, :past_length].bool()
+        raise ValueError(
+            f"The cache holds {past_length} tokens at layer {layer_idx} but was not filled by ADSC-LLaVA, so the "
+            "tokens each stage kept are unknown. Start generation from an empty cache."
+        )
+
+
+def check_text_model_supported(config: AdscLlavaConfig) -> None:
+    """Raise a clear error for text models whose forward the ADSC layer loop does not reproduce."""
+    text_config = config.text_config
+    if text_config.model_type not in SUPPORTED_TEXT_MODEL_TYPES:
+        raise ValueError(
+            f"ADSC-LLaVA supports Llama-style text models {SUPPORTED_TEXT_MODEL_TYPES}, got text_config.model_type="
+            f"'{text_config.model_type}'."
+        )
+    layer_types = getattr(text_config, "layer_types", None) or []
+    if getattr(text_config, "sliding_window", None) is not None and (
+        text_config.model_type == "mistral" or any(kind != "full_attention" for kind in layer_types)
+    ):
+        raise ValueError(
+            f"ADSC-LLaVA needs full attention in every layer, but text_config.sliding_window="
+            f"{text_config.sliding_window}; set it to None (LLaVA's Mistral/Qwen2 checkpoints use full attention)."
+        )
+
+
+class AdscLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+    """`LlavaForConditionalGeneration` with ADSC: same parameters and outputs, fewer tokens in deeper layers.
+
+    Logits have the stock shape `(batch, seq, vocab)`; at dropped vision positions they are the prediction from the
+    hidden state the token had when it was dropped (see the module docstring).
+    """
+
+    config_class = AdscLlavaConfig
+
+    def __init__(self, config: AdscLlavaConfig):
+        LlavaPreTrainedModel.__init__(self, config)
+        self.model = AdscLlavaModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def _reorder_cache(self, cache: Cache, beam_idx: torch.LongTensor) -> Cache:
+        """Beam search: reorder the cached keys and ADSC's per-stage key padding masks together."""
+        cache.reorder_cache(beam_idx)
+        key_masks = getattr(cache, CACHE_KEY_MASKS_ATTRIBUTE, {})
+        for layer_idx, key_mask in key_masks.items():
+            key_masks[layer_idx] = key_mask.index_select(0, beam_idx.to(key_mask.device))
+        return cache
+
+
+# Remote-code classes do not get transformers' checkpoint conversion mapping, so stock llava-hf checkpoints (including
+# the older `language_model.model.*` layout) would load with missing keys. Register LLaVA's mapping for ours.
+register_checkpoint_conversion_mapping("adsc_llava", get_checkpoint_conversion_mapping("llava"), overwrite=True)
+register_checkpoint_conversion_mapping("AdscLlavaModel", get_checkpoint_conversion_mapping("LlavaModel"), overwrite=True)
+
+__all__ = ["AdscLlavaForConditionalGeneration", "AdscLlavaModel", "uniform_keep_indices", "prune_vision_tokens"]

@@ -102,7 +102,10 @@ def solve_drop_ratio(num_layers: int, pruning_layers: list[int], num_vision_toke
     schedule = vision_tokens_per_layer(num_layers, pruning_layers, hi, num_vision_tokens)
     for decimals in range(4, 16):
         rounded = math.ceil(hi * 10**decimals) / 10**decimals
-        if rounded < 1.0 and vision_tokens_per_layer(num_layers, pruning_layers, rounded, num_vision_tokens) == schedule:
+        if (
+            rounded < 1.0
+            and vision_tokens_per_layer(num_layers, pruning_layers, rounded, num_vision_tokens) == schedule
+        ):
             return rounded
     return hi
 
@@ -119,7 +122,7 @@ def validate_schedule(num_layers: int, pruning_layers: list[int], drop_ratio: fl
                 f"adsc_pruning_layers entry {layer} is out of range: each must be in [1, {num_layers}) "
                 f"(num_hidden_layers={num_layers}; layer 0 always sees every token)."
             )
-    for previous, current in zip(pruning_layers, pruning_layers[1:]):
+    for previous, current in zip(pruning_layers, pruning_layers[1:], strict=False):
         if current <= previous:
             raise ValueError(f"adsc_pruning_layers must be strictly increasing, got {pruning_layers}.")
 

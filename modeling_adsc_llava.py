@@ -313,6 +313,7 @@ class AdscLlavaModel(LlavaModel):
                     keep_pattern = vision_keep_pattern(alive_per_image, config.adsc_drop_ratio, device)
                     stream = prune_vision_tokens(stream, keep_pattern)
                     alive_per_image = int(keep_pattern.sum())
+                    has_vision_tokens = alive_per_image > 0
                 causal_mask = self.stage_causal_mask(stream, cache, layer_idx, attention_mask)
                 position_embeddings = language_model.rotary_emb(stream.hidden_states, stream.position_ids)
             # position_ids are deliberately not passed: the RoPE above carries them, and flash-attention would read
@@ -430,6 +431,8 @@ class AdscLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 # Remote-code classes do not get transformers' checkpoint conversion mapping, so stock llava-hf checkpoints (including
 # the older `language_model.model.*` layout) would load with missing keys. Register LLaVA's mapping for ours.
 register_checkpoint_conversion_mapping("adsc_llava", get_checkpoint_conversion_mapping("llava"), overwrite=True)
-register_checkpoint_conversion_mapping("AdscLlavaModel", get_checkpoint_conversion_mapping("LlavaModel"), overwrite=True)
+register_checkpoint_conversion_mapping(
+    "AdscLlavaModel", get_checkpoint_conversion_mapping("LlavaModel"), overwrite=True
+)
 
 __all__ = ["AdscLlavaForConditionalGeneration", "AdscLlavaModel", "uniform_keep_indices", "prune_vision_tokens"]

@@ -1,0 +1,107 @@
+"""Tiny random LLaVA models and inputs for the tests: built offline from configs, fast on a CPU."""
+
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from adsc_llava import AdscLlavaConfig, AdscLlavaForConditionalGeneration
+
+VOCAB_SIZE = 64
+BOS_ID, EOS_ID = 1, 2
+IMAGE_TOKEN_ID = 60
+PAD_TOKEN_ID = 61
+IMAGE_SIZE, PATCH_SIZE = 32, 8
+TOKENS_PER_IMAGE = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 16: strategy "default" drops CLS
+TEXT_TOKEN_IDS = range(3, IMAGE_TOKEN_ID)  # ordinary words
+
+
+def tiny_config(
+    pruning_layers: list[int] | None = None,
+    drop_ratio: float = 0.0,
+    num_layers: int = 4,
+    attn_implementation: str = "sdpa",
+    text_model_type: str = "llama",
+) -> AdscLlavaConfig:
+    vision_config = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+        projection_dim=16,
+    )
+    text_config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB_SIZE,
+        max_position_embeddings=1024,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_TOKEN_ID,
+    ).to_dict()
+    text_config["model_type"] = text_model_type
+    config = AdscLlavaConfig(
+        vision_config=vision_config.to_dict(),
+        text_config=text_config,
+        image_token_index=IMAGE_TOKEN_ID,
+        image_seq_length=TOKENS_PER_IMAGE,
+        adsc_pruning_layers=pruning_layers or [],
+        adsc_drop_ratio=drop_ratio,
+    )
+    config._attn_implementation = attn_implementation
+    return config
+
+
+def tiny_adsc_model(seed: int = 0, **config_kwargs) -> AdscLlavaForConditionalGeneration:
+    torch.manual_seed(seed)
+    return AdscLlavaForConditionalGeneration(tiny_config(**config_kwargs)).eval()
+
+
+def stock_twin(model: AdscLlavaForConditionalGeneration) -> LlavaForConditionalGeneration:
+    """A stock LLaVA with the same config (minus the schedule) and the same weights."""
+    config_dict = model.config.to_dict()
+    for key in ("adsc_pruning_layers", "adsc_drop_ratio", "model_type", "architectures", "auto_map"):
+        config_dict.pop(key, None)
+    stock_config = LlavaConfig(**config_dict)
+    stock_config._attn_implementation = model.config._attn_implementation
+    stock = LlavaForConditionalGeneration(stock_config).eval()
+    stock.load_state_dict(model.state_dict())
+    return stock
+
+
+def make_batch(
+    images_per_row: list[int],
+    text_lengths: list[int] | None = None,
+    padding_side: str = "left",
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """A padded batch: row i has `images_per_row[i]` images placed between random words.
+
+    Returns `input_ids`, `attention_mask` and, if any image, `pixel_values` `(num_images, 3, H, W)`.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    text_lengths = text_lengths or [5 + 2 * i for i in range(len(images_per_row))]
+
+    def words(count: int) -> list[int]:
+        return torch.randint(TEXT_TOKEN_IDS.start, TEXT_TOKEN_IDS.stop, (count,), generator=generator).tolist()
+
+    rows = []
+    for num_images, text_length in zip(images_per_row, text_lengths, strict=False):
+        row = [BOS_ID] + words(2)
+        for _ in range(num_images):
+            row += [IMAGE_TOKEN_ID] * TOKENS_PER_IMAGE + words(1)
+        rows.append(row + words(text_length))
+    width = max(map(len, rows))
+    input_ids = torch.full((len(rows), width), PAD_TOKEN_ID)
+    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if padding_side == "left" else slice(0, len(row))
+        input_ids[i, span] = torch.tensor(row)
+        attention_mask[i, span] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if sum(images_per_row):
+        batch["pixel_values"] = torch.randn(sum(images_per_row), 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+    return batch

@@ -1,0 +1,239 @@
+"""AdscLlavaForConditionalGeneration against stock LLaVA, an independent reference, and itself (cache vs no cache)."""
+
+import math
+
+import pytest
+import torch
+from conftest import (
+    IMAGE_TOKEN_ID,
+    TOKENS_PER_IMAGE,
+    make_batch,
+    stock_twin,
+    tiny_adsc_model,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import DynamicCache
+
+MAX_ABS_DIFF = 1e-5
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+# 1. Nothing pruned == stock LLaVA
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("schedule", [([], 0.0), ([1, 3], 0.0)], ids=["empty-schedule", "ratio-zero"])
+def test_without_pruning_logits_equal_stock_llava(attn_implementation, schedule):
+    pruning_layers, drop_ratio = schedule
+    model = tiny_adsc_model(
+        pruning_layers=pruning_layers, drop_ratio=drop_ratio, attn_implementation=attn_implementation
+    )
+    stock = stock_twin(model)
+    for batch in (make_batch([1]), make_batch([1, 1], text_lengths=[3, 8], padding_side="left")):
+        with torch.no_grad():
+            ours, theirs = model(**batch).logits, stock(**batch).logits
+        assert ours.shape == theirs.shape
+        assert max_abs_diff(ours, theirs) <= MAX_ABS_DIFF
+
+
+def test_without_pruning_generate_equals_stock_llava():
+    model = tiny_adsc_model()
+    stock = stock_twin(model)
+    batch = make_batch([1, 2], text_lengths=[2, 6], padding_side="left")
+    options = dict(max_new_tokens=10, do_sample=False, suppress_tokens=[IMAGE_TOKEN_ID])
+    assert torch.equal(model.generate(**batch, **options), stock.generate(**batch, **options))
+
+
+# 2. Pruned prefill == an independent naive reference
+
+
+def reference_alive_masks(input_ids: torch.Tensor, pruning_layers: list[int], drop_ratio: float, num_layers: int):
+    """`alive[l]`: `(batch, seq)` tokens that layer `l` sees, built one image at a time in plain Python."""
+    alive = torch.ones(num_layers, *input_ids.shape, dtype=torch.bool)
+    for row in range(input_ids.shape[0]):
+        image_positions = (input_ids[row] == IMAGE_TOKEN_ID).nonzero().flatten().tolist()
+        for start in range(0, len(image_positions), TOKENS_PER_IMAGE):
+            survivors = image_positions[start : start + TOKENS_PER_IMAGE]
+            for layer in range(num_layers):
+                if layer in pruning_layers:
+                    n = len(survivors)
+                    k = math.floor((1 - drop_ratio) * n)
+                    survivors = [survivors[(2 * i + 1) * n // (2 * k)] for i in range(k)]
+                dropped = set(image_positions[start : start + TOKENS_PER_IMAGE]) - set(survivors)
+                alive[layer, row, sorted(dropped)] = False
+    return alive
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
+def reference_text_hidden_states(model, batch, alive: torch.Tensor) -> torch.Tensor:
+    """Full-length forward with manual attention; tokens dropped at a layer are masked out as keys from there on."""
+    llava = model.model
+    text = llava.language_model
+    config = model.config.text_config
+    input_ids, padding = batch["input_ids"], batch["attention_mask"].bool()
+    embeds = text.embed_tokens(input_ids)
+    features = torch.cat(list(llava.get_image_features(batch["pixel_values"]).pooler_output))
+    embeds = embeds.masked_scatter((input_ids == IMAGE_TOKEN_ID)[..., None], features)
+    batch_size, seq_len, _ = embeds.shape
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = config.hidden_size // heads
+    positions = torch.arange(seq_len)
+    inv_freq = 1.0 / (config.rope_parameters["rope_theta"] ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    angles = positions[:, None].float() * inv_freq[None]
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
+
+    hidden = embeds
+    for layer_idx, layer in enumerate(text.layers):
+        attn = layer.self_attn
+        x = layer.input_layernorm(hidden)
+        q = attn.q_proj(x).view(batch_size, seq_len, heads, head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(batch_size, seq_len, kv_heads, head_dim).transpose(1, 2)
+        v = attn.v_proj(x).view(batch_size, seq_len, kv_heads, head_dim).transpose(1, 2)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        k = k.repeat_interleave(heads // kv_heads, dim=1)
+        v = v.repeat_interleave(heads // kv_heads, dim=1)
+        allowed = causal[None] & (alive[layer_idx] & padding)[:, None, :]
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(head_dim)
+        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+        weights = torch.nan_to_num(scores.softmax(-1))  # fully masked rows (padding queries) give zeros
+        out = (weights @ v).transpose(1, 2).reshape(batch_size, seq_len, -1)
+        hidden = hidden + attn.o_proj(out)
+        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    return text.norm(hidden)
+
+
+@pytest.mark.parametrize(
+    "pruning_layers, drop_ratio",
+    [([1], 0.5), ([1, 2, 3], 0.3), ([2], 0.99), ([1, 3], 0.7)],
+    ids=["one-layer", "three-layers", "drop-all", "two-layers"],
+)
+def test_pruned_prefill_equals_naive_reference(pruning_layers, drop_ratio):
+    model = tiny_adsc_model(pruning_layers=pruning_layers, drop_ratio=drop_ratio, attn_implementation="eager")
+    batch = make_batch([1, 2, 0], text_lengths=[4, 3, 9], padding_side="left")
+    alive = reference_alive_masks(batch["input_ids"], pruning_layers, drop_ratio, num_layers=4)
+    with torch.no_grad():
+        ours = model.model(**batch).last_hidden_state
+        reference = reference_text_hidden_states(model, batch, alive)
+    text_positions = (batch["input_ids"] != IMAGE_TOKEN_ID) & batch["attention_mask"].bool()
+    assert max_abs_diff(ours[text_positions], reference[text_positions]) <= MAX_ABS_DIFF
+    # The reference really prunes: it differs from the unpruned model at text positions.
+    assert not alive[-1].all()
+
+
+# 3. Cached generation == uncached generation (property-based)
+
+MODELS_BY_DEPTH = {}
+
+
+def model_with_schedule(num_layers: int, pruning_layers: list[int], drop_ratio: float):
+    if num_layers not in MODELS_BY_DEPTH:
+        MODELS_BY_DEPTH[num_layers] = tiny_adsc_model(num_layers=num_layers, seed=num_layers)
+    model = MODELS_BY_DEPTH[num_layers]
+    model.config.adsc_pruning_layers, model.config.adsc_drop_ratio = pruning_layers, drop_ratio
+    return model
+
+
+@st.composite
+def generation_cases(draw):
+    num_layers = draw(st.integers(2, 4))
+    pruning_layers = sorted(draw(st.sets(st.integers(1, num_layers - 1), min_size=1)))
+    drop_ratio = draw(st.sampled_from([0.0, 0.25, 0.5, 0.8, 0.99]))  # 0.99 drops every vision token
+    images_per_row = draw(st.lists(st.integers(0, 2), min_size=1, max_size=3))
+    text_lengths = draw(st.lists(st.integers(1, 6), min_size=len(images_per_row), max_size=len(images_per_row)))
+    padding_side = draw(st.sampled_from(["left", "right"]))
+    num_beams = draw(st.sampled_from([1, 2]))
+    return num_layers, pruning_layers, drop_ratio, images_per_row, text_lengths, padding_side, num_beams
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(case=generation_cases())
+def test_cached_generation_equals_uncached(case):
+    num_layers, pruning_layers, drop_ratio, images_per_row, text_lengths, padding_side, num_beams = case
+    model = model_with_schedule(num_layers, pruning_layers, drop_ratio)
+    batch = make_batch(images_per_row, text_lengths, padding_side=padding_side, seed=sum(text_lengths))
+    options = dict(max_new_tokens=6, do_sample=False, num_beams=num_beams, suppress_tokens=[IMAGE_TOKEN_ID])
+    with_cache = model.generate(**batch, **options, use_cache=True)
+    without_cache = model.generate(**batch, **options, use_cache=False)
+    assert torch.equal(with_cache, without_cache)
+
+
+def test_decode_positions_continue_from_original_length():
+    """Decode tokens sit at original length + step: moving them to the shortened cache length changes the output."""
+    model = tiny_adsc_model(pruning_layers=[1], drop_ratio=0.75)
+    batch = make_batch([1])
+    cache = DynamicCache(config=model.config.text_config)
+    with torch.no_grad():
+        model(**batch, cache=cache, use_cache=True)
+        next_token = torch.tensor([[7]])
+        mask = torch.cat([batch["attention_mask"], torch.ones(1, 1, dtype=torch.long)], dim=1)
+        original_length = batch["input_ids"].shape[1]
+        right = model(input_ids=next_token, attention_mask=mask, cache=cache, use_cache=True).logits
+        full = model(
+            input_ids=torch.cat([batch["input_ids"], next_token], 1),
+            pixel_values=batch["pixel_values"],
+            attention_mask=mask,
+        ).logits
+    assert cache.get_seq_length(0) == original_length + 1
+    assert cache.get_seq_length(1) < cache.get_seq_length(0)
+    assert max_abs_diff(right[:, -1], full[:, -1]) <= MAX_ABS_DIFF
+
+
+# 4. Per-layer cache lengths after prefill
+
+
+@pytest.mark.parametrize("pruning_layers, drop_ratio", [([1], 0.5), ([1, 2, 3], 0.4), ([2, 3], 0.99), ([], 0.0)])
+def test_cache_lengths_follow_vision_tokens_per_layer(pruning_layers, drop_ratio):
+    model = tiny_adsc_model(pruning_layers=pruning_layers, drop_ratio=drop_ratio)
+    images_per_row = [2, 2]
+    batch = make_batch(images_per_row, text_lengths=[4, 4])
+    text_length = int((batch["input_ids"][0] != IMAGE_TOKEN_ID).sum())
+    cache = DynamicCache(config=model.config.text_config)
+    with torch.no_grad():
+        model(**batch, cache=cache, use_cache=True)
+    expected = [text_length + 2 * tokens for tokens in model.config.vision_tokens_per_layer(TOKENS_PER_IMAGE)]
+    assert [cache.get_seq_length(i) for i in range(4)] == expected
+    assert (expected[-1] < expected[0]) == bool(pruning_layers and drop_ratio > 0)
+
+
+def test_mixed_batch_cache_is_as_long_as_its_longest_row():
+    """A text-only row keeps all its tokens; the image row shrinks; the cache fits the longer one."""
+    model = tiny_adsc_model(pruning_layers=[1], drop_ratio=0.5)
+    batch = make_batch([1, 0], text_lengths=[3, 25])
+    cache = DynamicCache(config=model.config.text_config)
+    with torch.no_grad():
+        model(**batch, cache=cache, use_cache=True)
+    text_only_length = int(batch["attention_mask"][1].sum())
+    image_row_pruned = int(batch["attention_mask"][0].sum()) - TOKENS_PER_IMAGE // 2
+    assert cache.get_seq_length(1) == max(text_only_length, image_row_pruned) + (
+        batch["input_ids"].shape[1] - text_only_length
+    )
+
+
+# Training
+
+
+def test_training_loss_and_gradient_checkpointing():
+    model = tiny_adsc_model(pruning_layers=[1, 2], drop_ratio=0.5)
+    batch = make_batch([1, 1], text_lengths=[4, 6], padding_side="right")
+    labels = batch["input_ids"].masked_fill(
+        (batch["input_ids"] == IMAGE_TOKEN_ID) | (batch["attention_mask"] == 0), -100
+    )
+    model.train()
+    loss = model(**batch, labels=labels, use_cache=False).loss
+    model.gradient_checkpointing_enable()
+    checkpointed = model(**batch, labels=labels, use_cache=False)
+    checkpointed.loss.backward()
+    assert torch.isfinite(loss) and abs(loss.item() - checkpointed.loss.item()) <= 1e-6
+    assert checkpointed.logits.shape == (*batch["input_ids"].shape, model.config.text_config.vocab_size)
+    projector_grad = model.model.multi_modal_projector.linear_1.weight.grad
+    deep_layer_grad = model.model.language_model.layers[3].self_attn.q_proj.weight.grad
+    assert projector_grad.abs().sum() > 0 and deep_layer_grad.abs().sum() > 0

@@ -1,0 +1,260 @@
+"""Tests of the synthetic VQA generator: determinism, answers re-derived from pixels, format, balance, vocabulary."""
+
+import json
+import random
+import re
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from train import synthetic
+
+BACKGROUND = np.array([255, 255, 255])
+
+
+def _read_grid(image: Image.Image) -> dict[tuple[int, int], tuple[str, str]]:
+    """(row, column) -> (colour, shape) read from pixels only: colour at the cell centre, shape from its fill ratio."""
+    pixels = np.asarray(image.convert("RGB")).astype(int)
+    cell = pixels.shape[0] / 3
+    grid = {}
+    for row in range(3):
+        for column in range(3):
+            region = pixels[
+                round(row * cell) : round((row + 1) * cell), round(column * cell) : round((column + 1) * cell)
+            ]
+            mask = (region != BACKGROUND).any(axis=-1)
+            if not mask.any():
+                continue
+            center = pixels[int((row + 0.5) * cell), int((column + 0.5) * cell)]
+            distances = {name: np.abs(center - np.array(rgb)).sum() for name, rgb in synthetic.COLORS.items()}
+            color = min(distances, key=distances.get)
+            assert distances[color] == 0, f"cell centre {center} is not a palette colour"
+            # Every foreground pixel of the cell belongs to one shape of one colour.
+            assert (region[mask] == np.array(synthetic.COLORS[color])).all()
+            ys, xs = np.nonzero(mask)
+            fill = mask.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
+            # A box fills ~100% of its bounding box, a disc ~78%, an upward triangle ~50%.
+            kind = "square" if fill > 0.95 else "circle" if fill > 0.63 else "triangle"
+            grid[(row, column)] = (color, kind)
+    return grid
+
+
+def _position_to_cell(position: str) -> tuple[int, int]:
+    words = position.split()
+    row = 0 if "top" in words else 2 if "bottom" in words else 1
+    column = 0 if "left" in words else 2 if "right" in words else 1
+    return row, column
+
+
+def _answer_from_grid(grid: dict[tuple[int, int], tuple[str, str]], question: str) -> str:
+    """Answer a question's text from a pixel-read grid, independently of the generator's own `answer`."""
+    if match := re.fullmatch(r"what color is the shape at the (.+) \?", question):
+        return grid[_position_to_cell(match[1])][0]
+    if match := re.fullmatch(r"what shape is at the (.+) \?", question):
+        return grid[_position_to_cell(match[1])][1]
+    if match := re.fullmatch(r"is there a (\w+) (\w+) \?", question):
+        return "yes" if (match[1], match[2]) in grid.values() else "no"
+    match = re.fullmatch(r"what shape is (left of|right of|above|below) the (\w+) (\w+) \?", question)
+    assert match, f"unparsable question {question!r}"
+    ((row, column),) = [cell for cell, pair in grid.items() if pair == (match[2], match[3])]
+    steps = {"left of": (0, -1), "right of": (0, 1), "above": (-1, 0), "below": (1, 0)}[match[1]]
+    side = []
+    row, column = row + steps[0], column + steps[1]
+    while 0 <= row < 3 and 0 <= column < 3:
+        side += [grid[(row, column)][1]] if (row, column) in grid else []
+        row, column = row + steps[0], column + steps[1]
+    assert len(side) == 1, f"{question!r} has {len(side)} candidate answers"
+    return side[0]
+
+
+def _question_type(question: str) -> str:
+    if question.startswith("what color"):
+        return "color_at"
+    if question.startswith("is there"):
+        return "exists"
+    return "shape_at" if question.startswith("what shape is at") else "relation"
+
+
+def _question_answer_pairs(record: dict) -> list[tuple[str, str]]:
+    turns = record["conversations"]
+    questions = [turn["value"].removeprefix(synthetic.IMAGE_TOKEN + "\n") for turn in turns[::2]]
+    return list(zip(questions, [turn["value"] for turn in turns[1::2]], strict=True))
+
+
+def _sample_records(num_images: int, seed: int, **kwargs) -> list[dict]:
+    rng = random.Random(seed)
+    records = []
+    for index in range(num_images):
+        scene, specs = synthetic.sample_example(rng, **kwargs)
+        records.append(synthetic.to_record(str(index), f"{index}.png", scene, specs))
+    return records
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {
+        str(path.relative_to(directory)): path.read_bytes() for path in sorted(directory.rglob("*")) if path.is_file()
+    }
+
+
+def test_same_seed_gives_identical_bytes(tmp_path):
+    for name in ("a", "b"):
+        synthetic.write_split(tmp_path / name, "train", 40, seed=7, questions_per_image=2, progress=False)
+    synthetic.write_split(tmp_path / "c", "train", 40, seed=8, questions_per_image=2, progress=False)
+    first, second, other = (_files(tmp_path / name) for name in ("a", "b", "c"))
+    assert len(first) == 41  # 40 images + the JSON file
+    assert first == second
+    assert first["train.json"] != other["train.json"]
+
+
+def test_answers_agree_with_the_drawn_pixels(tmp_path):
+    json_path = synthetic.write_split(tmp_path, "val", 300, seed=1, questions_per_image=2, progress=False)
+    records = json.loads(json_path.read_text())
+    seen_types = Counter()
+    for record in records:
+        grid = _read_grid(Image.open(tmp_path / record["image"]))
+        assert 2 <= len(grid) <= 4
+        for question, expected in _question_answer_pairs(record):
+            assert _answer_from_grid(grid, question) == expected, (record["id"], question)
+            seen_types[_question_type(question)] += 1
+    assert set(seen_types) == set(synthetic.QUESTION_TYPES)
+
+
+@pytest.mark.parametrize("image_size", [32, 64])
+def test_other_image_sizes_are_drawn_readably(image_size):
+    rng = random.Random(5)
+    for _ in range(50):
+        scene, specs = synthetic.sample_example(rng, image_size=image_size, max_shapes=6)
+        image = synthetic.draw_scene(scene)
+        assert image.size == (image_size, image_size)
+        grid = _read_grid(image)
+        assert grid == {divmod(shape.cell, 3): (shape.color, shape.kind) for shape in scene.shapes}
+        assert _answer_from_grid(grid, specs[0].text) == synthetic.answer(scene, specs[0])
+
+
+def test_records_follow_the_llava_665k_format(tmp_path):
+    train_json, test_json = synthetic.make_dataset(tmp_path, 30, 20, seed=3, questions_per_image=2, progress=False)
+    assert (train_json.name, test_json.name) == ("train.json", "test.json")
+    for json_path, split, count in ((train_json, "train", 30), (test_json, "test", 20)):
+        records = json.loads(json_path.read_text())
+        assert len(records) == count
+        assert len({record["id"] for record in records}) == count
+        for record in records:
+            assert set(record) == {"id", "image", "conversations"}
+            assert record["image"].startswith(f"images/{split}/") and not Path(record["image"]).is_absolute()
+            assert Image.open(json_path.parent / record["image"]).size == (48, 48)
+            turns = record["conversations"]
+            assert [turn["from"] for turn in turns] == ["human", "gpt", "human", "gpt"]
+            assert all(set(turn) == {"from", "value"} for turn in turns)
+            assert turns[0]["value"].startswith("<image>\n")
+            assert sum(turn["value"].count("<image>") for turn in turns) == 1
+            assert all(turn["value"] in synthetic.ANSWERS for turn in turns[1::2])
+            assert turns[0]["value"] != "<image>\n" + turns[2]["value"]  # two distinct questions
+
+
+def test_test_split_is_held_out(tmp_path):
+    synthetic.make_dataset(tmp_path, 200, 100, seed=0, progress=False)
+    train_images = {path.read_bytes() for path in (tmp_path / "images" / "train").iterdir()}
+    test_images = {path.read_bytes() for path in (tmp_path / "images" / "test").iterdir()}
+    assert len(train_images) == 200 and len(test_images) == 100
+    assert not train_images & test_images
+
+
+def test_yes_no_and_per_type_answers_are_balanced():
+    answers_by_type = defaultdict(Counter)
+    for record in _sample_records(4000, seed=11):
+        ((question, given),) = _question_answer_pairs(record)
+        answers_by_type[_question_type(question)][given] += 1
+    yes_no = answers_by_type["exists"]
+    assert set(yes_no) == {"yes", "no"}
+    assert abs(yes_no["yes"] / yes_no.total() - 0.5) < 0.04
+    expected = {"color_at": synthetic.COLORS, "shape_at": synthetic.SHAPES, "relation": synthetic.SHAPES}
+    expected["exists"] = synthetic.YES_NO
+    for question_type, counts in answers_by_type.items():
+        assert set(counts) == set(expected[question_type])
+        uniform = counts.total() / len(counts)
+        assert all(abs(count - uniform) < 0.15 * uniform for count in counts.values()), (question_type, counts)
+
+
+def test_text_alone_does_not_predict_the_answer():
+    """The best text-only predictor (majority answer per exact question, fit on train) stays near chance."""
+    answers_per_question = defaultdict(Counter)
+    for record in _sample_records(4000, seed=21):
+        for question, given in _question_answer_pairs(record):
+            answers_per_question[question][given] += 1
+    correct = total = 0
+    chance = 0.0
+    num_answers = {"color_at": 4, "shape_at": 3, "relation": 3, "exists": 2}
+    for record in _sample_records(2000, seed=22):
+        for question, given in _question_answer_pairs(record):
+            guesses = answers_per_question.get(question)
+            correct += bool(guesses) and guesses.most_common(1)[0][0] == given
+            chance += 1 / num_answers[_question_type(question)]
+            total += 1
+    assert correct / total < chance / total + 0.05
+
+
+def test_multi_turn_second_questions_have_valid_unique_answers():
+    rng = random.Random(4)
+    for _ in range(300):
+        scene, specs = synthetic.sample_example(rng, questions_per_image=3, min_shapes=2, max_shapes=2)
+        assert len(set(specs)) == 3
+        grid = {divmod(shape.cell, 3): (shape.color, shape.kind) for shape in scene.shapes}
+        assert all(_answer_from_grid(grid, spec.text) == synthetic.answer(scene, spec) for spec in specs)
+
+
+def test_vocabulary_covers_exactly_the_words_used():
+    vocabulary = synthetic.vocabulary()
+    assert len(vocabulary) == len(set(vocabulary))
+    assert all(word == word.lower() and " " not in word for word in vocabulary)
+    used = set()
+    for record in _sample_records(2000, seed=2, questions_per_image=2):
+        for question, given in _question_answer_pairs(record):
+            used.update(question.split())
+            used.add(given)
+    assert used == set(vocabulary)
+    assert synthetic.IMAGE_TOKEN not in vocabulary
+
+
+def test_answer_rejects_questions_without_a_unique_answer():
+    row = synthetic.Scene(
+        shapes=(
+            synthetic.Shape("red", "circle", 0),
+            synthetic.Shape("blue", "square", 1),
+            synthetic.Shape("green", "triangle", 2),
+        )
+    )
+    assert synthetic.answer(row, synthetic.QuestionSpec("relation", color="blue", shape="square", relation="left of"))
+    with pytest.raises(ValueError, match="2 shapes are left of"):
+        synthetic.answer(row, synthetic.QuestionSpec("relation", color="green", shape="triangle", relation="left of"))
+    with pytest.raises(ValueError, match="No shape at the center"):
+        synthetic.answer(row, synthetic.QuestionSpec("color_at", cell=4))
+    with pytest.raises(ValueError, match="no yellow circle"):
+        synthetic.answer(row, synthetic.QuestionSpec("relation", color="yellow", shape="circle", relation="above"))
+    assert synthetic.answer(row, synthetic.QuestionSpec("exists", color="yellow", shape="circle")) == "no"
+
+
+def test_bad_input_is_rejected_with_a_clear_message(tmp_path):
+    with pytest.raises(ValueError, match="share a cell"):
+        synthetic.Scene((synthetic.Shape("red", "circle", 0), synthetic.Shape("blue", "square", 0)))
+    with pytest.raises(ValueError, match="appears twice"):
+        synthetic.Scene((synthetic.Shape("red", "circle", 0), synthetic.Shape("red", "circle", 1)))
+    with pytest.raises(ValueError, match="Unknown colour 'purple'"):
+        synthetic.Shape("purple", "circle", 0)
+    with pytest.raises(ValueError, match="Unknown question type"):
+        synthetic.QuestionSpec("count")
+    with pytest.raises(ValueError, match="min_shapes"):
+        synthetic.sample_example(random.Random(0), min_shapes=1)
+    with pytest.raises(ValueError, match="Split name"):
+        synthetic.write_split(tmp_path, "../train", 1, seed=0)
+    with pytest.raises(ValueError, match="num_images"):
+        synthetic.write_split(tmp_path, "train", 0, seed=0)
+
+
+def test_generation_is_fast(tmp_path):
+    start = time.perf_counter()
+    synthetic.write_split(tmp_path, "train", 1000, seed=0, progress=False)
+    assert time.perf_counter() - start < 5.0

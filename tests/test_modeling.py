@@ -4,6 +4,10 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import DynamicCache
+
 from conftest import (
     IMAGE_TOKEN_ID,
     TOKENS_PER_IMAGE,
@@ -11,9 +15,6 @@ from conftest import (
     stock_twin,
     tiny_adsc_model,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from transformers import DynamicCache
 
 MAX_ABS_DIFF = 1e-5
 

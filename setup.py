@@ -36,7 +36,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=["adsc_llava", "train"],
-    package_data={"train": ["configs/*.json", "*.yaml", "*.json"]},
+    package_data={"train": ["configs/*.json", "*.json"]},
     cmdclass={"build_py": BuildPyWithModelingFiles},
     install_requires=[
         "torch>=2.4",

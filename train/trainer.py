@@ -1,0 +1,285 @@
+"""LoRA + projector fine-tuning of ADSC-LLaVA with a budget curriculum, on transformers' `Trainer`.
+
+`run_training(config)` is what `python -m train` runs: load the checkpoint as ADSC-LLaVA, freeze the vision tower and
+the LLM, add LoRA to the LLM's linear layers, train LoRA and the projector while `CurriculumCallback` moves the
+budget, then merge and save a remote-code checkpoint (weights, config with `auto_map`, both .py files, processor,
+model card). Distributed training (accelerate, DeepSpeed, FSDP) is the Trainer's own.
+"""
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoConfig, AutoProcessor, Trainer
+from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
+
+from adsc_llava import AdscLlavaConfig, AdscLlavaForConditionalGeneration
+from adsc_llava.configuration_adsc_llava import default_pruning_layers
+from train.args import AdscTrainConfig
+from train.cost import format_schedule
+from train.curriculum import CurriculumCallback, build_curriculum, describe_curriculum
+from train.data import LlavaDataCollator, LlavaInstructDataset, ModalityLengthGroupedSampler
+from train.model_card import write_model_card
+
+logger = logging.getLogger(__name__)
+
+PROJECTOR_MODULE = "multi_modal_projector"
+# LoRA goes on the language model only: the same module names also exist in the CLIP tower.
+LANGUAGE_MODEL_LAYERS = r"model\.language_model\.layers\.\d+\."
+
+
+def load_adsc_model(
+    path: str, *, budget: float | None, pruning_layers: list[int] | None, dtype: torch.dtype | str = "auto"
+) -> AdscLlavaForConditionalGeneration:
+    """Load a llava-hf or ADSC checkpoint as ADSC-LLaVA with pruning layers for `budget` (r is set by the curriculum).
+
+    Raises:
+        ValueError: for a checkpoint that is not LLaVA, or that loads with missing or unexpected weights.
+    """
+    source_config = AutoConfig.from_pretrained(path, trust_remote_code=True)
+    if source_config.model_type not in ("llava", "adsc_llava"):
+        raise ValueError(f"{path} is a '{source_config.model_type}' checkpoint; ADSC trains LLaVA ('llava').")
+    num_layers = source_config.text_config.num_hidden_layers
+    if budget is None:
+        config = AdscLlavaConfig.from_llava_config(source_config, pruning_layers=pruning_layers or [], drop_ratio=0.0)
+    else:
+        layers = pruning_layers if pruning_layers is not None else default_pruning_layers(num_layers)
+        config = AdscLlavaConfig.from_llava_config(source_config, pruning_layers=layers, budget=budget)
+    model, loading_info = AdscLlavaForConditionalGeneration.from_pretrained(
+        path, config=config, dtype=dtype, output_loading_info=True
+    )
+    problems = {
+        key: value for key, value in loading_info.items() if key in ("missing_keys", "unexpected_keys") and value
+    }
+    if problems:
+        raise ValueError(f"Corrupt or incompatible checkpoint {path}: {problems}")
+    return model
+
+
+def add_lora(model: AdscLlavaForConditionalGeneration, config: AdscTrainConfig) -> PeftModel:
+    """Freeze everything, add LoRA to the language model's linear layers, and make the projector trainable."""
+    modules = "|".join(config.lora_target_modules)
+    lora_config = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=rf"{LANGUAGE_MODEL_LAYERS}.*\.({modules})",
+        modules_to_save=[PROJECTOR_MODULE],
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora_config)
+
+
+class AdscTrainer(Trainer):
+    """`Trainer` with a separate projector learning rate, LLaVA's modality sampler, and atomic checkpoints."""
+
+    def __init__(self, *args, projector_learning_rate: float, group_by_modality_length: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.projector_learning_rate = projector_learning_rate
+        self.group_by_modality_length = group_by_modality_length
+
+    def create_optimizer(self, model=None):
+        """AdamW with the projector at its own learning rate (LLaVA's `mm_projector_lr`)."""
+        if self.optimizer is not None:
+            return self.optimizer
+        opt_model = self.model if model is None else model
+        decay_names = set(self.get_decay_parameter_names(opt_model))
+        groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+        for name, parameter in opt_model.named_parameters():
+            if parameter.requires_grad:
+                groups.setdefault((PROJECTOR_MODULE in name, name in decay_names), []).append(parameter)
+        param_groups = [
+            {
+                "params": params,
+                "weight_decay": self.args.weight_decay if decays else 0.0,
+                **({"lr": self.projector_learning_rate} if is_projector else {}),
+            }
+            for (is_projector, decays), params in sorted(groups.items())
+        ]
+        optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def _get_train_sampler(self, train_dataset=None):
+        if not self.group_by_modality_length:
+            return super()._get_train_sampler(train_dataset)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return ModalityLengthGroupedSampler(
+            dataset.modality_lengths(),
+            batch_size=self.args.train_batch_size,
+            world_size=self.args.world_size * self.args.gradient_accumulation_steps,
+            seed=self.args.seed,
+        )
+
+    def _save_checkpoint(self, model, trial):
+        """Write the checkpoint under a staging name and rename it when complete.
+
+        A run killed mid-save leaves only `staging/checkpoint-N`, which `get_last_checkpoint` never picks, so the
+        latest `checkpoint-N` is always whole.
+        """
+        run_dir = self.args.output_dir
+        staging_dir = os.path.join(run_dir, "staging")
+        name = f"checkpoint-{self.state.global_step}"
+        self.args.output_dir = staging_dir
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.output_dir = run_dir
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            os.replace(os.path.join(staging_dir, name), os.path.join(run_dir, name))
+            shutil.rmtree(staging_dir, ignore_errors=True)
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit, use_mtime=False)
+        self.accelerator.wait_for_everyone()
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def use_bf16(requested: bool | None) -> bool:
+    """bf16 when asked, or by default where the accelerator supports it (never on CPU)."""
+    if requested is not None:
+        return requested
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def build_trainer(config: AdscTrainConfig) -> tuple[AdscTrainer, AdscLlavaForConditionalGeneration, list]:
+    """Model, data, curriculum and `AdscTrainer` for `config`; nothing is trained yet."""
+    bf16 = use_bf16(config.bf16)
+    processor = AutoProcessor.from_pretrained(config.model, trust_remote_code=True)
+    model = load_adsc_model(
+        config.model,
+        budget=config.budget,
+        pruning_layers=config.pruning_layers,
+        dtype=torch.bfloat16 if bf16 else torch.float32,
+    )
+    data_path = Path(config.data)
+    dataset = LlavaInstructDataset.from_json(
+        data_path,
+        processor,
+        config.image_folder if config.image_folder is not None else data_path.parent,
+        max_length=config.max_length,
+        on_bad_record=config.on_bad_record,
+    )
+    if config.scan_data:
+        stats = dataset.scan(show_progress=not config.disable_tqdm)
+        logger.info("Data: %s", stats.summary())
+
+    training_args = config.training_arguments(bf16)
+    adsc_model = model
+    if config.tune == "lora":
+        model = add_lora(model, config)
+    if config.gradient_checkpointing and config.tune == "lora":
+        model.enable_input_require_grads()
+
+    callbacks, phases = [], []
+    if config.budget is not None:
+        total_steps = planned_steps(config, training_args, len(dataset))
+        phases = build_curriculum(
+            adsc_model.config, config.budget, total_steps, config.factors, tuple(config.phase_fractions or ()) or None
+        )
+        callbacks.append(CurriculumCallback(adsc_model.config, phases))
+
+    trainer = AdscTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        data_collator=LlavaDataCollator.from_processor(processor),
+        processing_class=processor,
+        callbacks=callbacks,
+        projector_learning_rate=config.projector_learning_rate if config.tune == "lora" else config.learning_rate,
+        group_by_modality_length=config.group_by_modality_length,
+    )
+    return trainer, adsc_model, phases
+
+
+def planned_steps(config: AdscTrainConfig, training_args, num_samples: int) -> int:
+    """Optimizer steps of the run, as the Trainer will count them."""
+    if training_args.max_steps > 0:
+        return training_args.max_steps
+    batch = training_args.per_device_train_batch_size * max(training_args.world_size, 1)
+    steps_per_epoch = max(-(-num_samples // batch) // training_args.gradient_accumulation_steps, 1)
+    return max(round(steps_per_epoch * training_args.num_train_epochs), 1)
+
+
+def summarize_start(config: AdscTrainConfig, trainer: AdscTrainer, adsc_model, phases) -> str:
+    trainable, total = count_parameters(trainer.model)
+    lines = [
+        f"ADSC training of {config.model}",
+        f"  trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%), tune={config.tune}",
+        f"  samples: {len(trainer.train_dataset)}  pruning layers: {adsc_model.config.adsc_pruning_layers}",
+    ]
+    if phases:
+        lines.append(f"  curriculum '{config.curriculum}' to budget {config.budget}:")
+        lines.append(describe_curriculum(adsc_model.config, phases))
+    return "\n".join(lines)
+
+
+def run_training(config: AdscTrainConfig) -> Path:
+    """Train, then save the final remote-code checkpoint to `output_dir/final`; returns that folder."""
+    trainer, adsc_model, phases = build_trainer(config)
+    if trainer.is_world_process_zero():
+        print(summarize_start(config, trainer, adsc_model, phases), flush=True)
+    resume_from = (
+        get_last_checkpoint(config.output_dir) if config.resume and os.path.isdir(config.output_dir) else None
+    )
+    if config.resume and resume_from is None:
+        logger.warning("--resume: no complete checkpoint in %s, starting from scratch", config.output_dir)
+    trainer.train(resume_from_checkpoint=resume_from)
+
+    final_dir = Path(config.output_dir) / "final"
+    if trainer.is_world_process_zero():
+        save_final_model(config, trainer, adsc_model, phases, final_dir)
+        print(summarize_end(final_dir, adsc_model, trainer), flush=True)
+    trainer.accelerator.wait_for_everyone()
+    return final_dir
+
+
+def save_final_model(config: AdscTrainConfig, trainer: AdscTrainer, adsc_model, phases, final_dir: Path) -> None:
+    """Set the final schedule, merge LoRA (or keep the adapter), and write a remote-code checkpoint + model card."""
+    if phases:
+        adsc_model.config.adsc_drop_ratio = phases[-1].drop_ratio
+    model = trainer.model
+    if isinstance(model, PeftModel) and not config.save_adapter:
+        model = model.merge_and_unload()
+    final_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(final_dir)
+    if isinstance(model, PeftModel):  # the adapter needs the ADSC config and code next to it
+        adsc_model.config.save_pretrained(final_dir)
+    trainer.processing_class.save_pretrained(final_dir)
+    write_model_card(
+        final_dir,
+        adsc_model.config,
+        base_model=config.model,
+        data=config.data,
+        steps=trainer.state.global_step,
+        curriculum=config.curriculum if phases else None,
+    )
+    if config.push_to_hub:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(config.hub_model_id, exist_ok=True)
+        api.upload_folder(folder_path=str(final_dir), repo_id=config.hub_model_id, commit_message="ADSC-LLaVA")
+
+
+def summarize_end(final_dir: Path, adsc_model, trainer: AdscTrainer) -> str:
+    config = adsc_model.config
+    return "\n".join(
+        [
+            f"Done: {trainer.state.global_step} steps. Model saved to {final_dir}",
+            f"  schedule: layers {config.adsc_pruning_layers}, r={config.adsc_drop_ratio:.4f}, "
+            f"average {config.average_vision_tokens():.1f} of {config.image_seq_length} vision tokens per layer",
+            f"  tokens per layer: {format_schedule(config.vision_tokens_per_layer())}",
+            "  load it with:",
+            "    from transformers import AutoModelForImageTextToText, AutoProcessor",
+            f"    model = AutoModelForImageTextToText.from_pretrained('{final_dir}', trust_remote_code=True)",
+            f"    processor = AutoProcessor.from_pretrained('{final_dir}')",
+        ]
+    )

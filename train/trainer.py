@@ -107,12 +107,7 @@ class AdscTrainer(Trainer):
         if not self.group_by_modality_length:
             return super()._get_train_sampler(train_dataset)
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        return ModalityLengthGroupedSampler(
-            dataset.modality_lengths(),
-            batch_size=self.args.train_batch_size,
-            world_size=self.args.world_size * self.args.gradient_accumulation_steps,
-            seed=self.args.seed,
-        )
+        return ModalityLengthGroupedSampler.from_training_args(dataset.modality_lengths(), self.args)
 
     def _save_checkpoint(self, model, trial):
         """Write the checkpoint under a staging name and rename it when complete.

@@ -1,0 +1,491 @@
+"""Tests of the LLaVA instruction data pipeline: exact tokens and labels, collation, bad records, length grouping."""
+
+import json
+import logging
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from torch.utils.data import DataLoader
+from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast, TrainingArguments
+
+from train import data
+from train.data import (
+    IGNORE_INDEX,
+    BadRecordError,
+    ChatTemplateError,
+    DataValidationError,
+    LlavaDataCollator,
+    LlavaInstructDataset,
+    ModalityLengthGroupedSampler,
+    get_modality_length_grouped_indices,
+    load_records,
+)
+from train.tiny import LLAVA_HF_CHAT_TEMPLATE, build_processor, build_word_tokenizer, tiny_llava_config_for
+
+WORDS = ("what", "color", "is", "it", "?", "red", ".", "and", "the", "shape", "square", "hello", "hi", "there")
+# Ids by construction of the word tokenizer: specials, prompt words, then WORDS in order.
+BOS, EOS, PAD, IMG, USER, ASSISTANT, NL = 1, 2, 3, 4, 5, 6, 7
+WHAT, COLOR, IS, IT, QMARK, RED, DOT, AND, THE, SHAPE, SQUARE, HELLO, HI, THERE = range(8, 22)
+X = IGNORE_INDEX
+IMAGE_SIZE, PATCH_SIZE = 16, 8  # 4 image tokens per image
+
+SINGLE = {
+    "id": "single",
+    "image": "red.png",
+    # LLaVA moves `<image>` to the start of the first human turn, wherever it was.
+    "conversations": [{"from": "human", "value": "what color is it ?\n<image>"}, {"from": "gpt", "value": "red ."}],
+}
+MULTI = {
+    "id": "multi",
+    "image": "red.png",
+    "conversations": [
+        {"from": "human", "value": "<image>\nwhat color is it ?"},
+        {"from": "gpt", "value": "red ."},
+        {"from": "human", "value": "and the shape ?"},
+        {"from": "gpt", "value": "square ."},
+    ],
+}
+TEXT = {"id": "text", "conversations": [{"from": "human", "value": "hello"}, {"from": "gpt", "value": "hi there"}]}
+
+# USER: <image> x4 \n what color is it ? ASSISTANT: red . </s>
+SINGLE_IDS = [BOS, USER, IMG, IMG, IMG, IMG, NL, WHAT, COLOR, IS, IT, QMARK, ASSISTANT, RED, DOT, EOS]
+SINGLE_LABELS = [X] * 13 + [RED, DOT, EOS]
+# ... </s> USER: and the shape ? ASSISTANT: square . </s>
+MULTI_IDS = SINGLE_IDS + [USER, AND, THE, SHAPE, QMARK, ASSISTANT, SQUARE, DOT, EOS]
+MULTI_LABELS = SINGLE_LABELS + [X] * 6 + [SQUARE, DOT, EOS]
+# USER: hello ASSISTANT: hi there </s>
+TEXT_IDS = [BOS, USER, HELLO, ASSISTANT, HI, THERE, EOS]
+TEXT_LABELS = [X, X, X, X, HI, THERE, EOS]
+
+# A template that closes answers with `</s>` itself, in the original LLaVA (vicuna_v1) layout.
+EOS_EMITTING_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: "
+    "{% for item in message['content'] if item['type'] == 'image' %}<image>\n{% endfor %}"
+    "{% for item in message['content'] if item['type'] == 'text' %}{{ item['text'] }}{% endfor %} "
+    "{% else %}ASSISTANT: {% for item in message['content'] if item['type'] == 'text' %}{{ item['text'] }}"
+    "{% endfor %}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return build_processor(build_word_tokenizer(WORDS), image_size=IMAGE_SIZE, patch_size=PATCH_SIZE)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    Image.new("RGB", (20, 16), (220, 30, 30)).save(tmp_path / "red.png")
+    Image.new("RGB", (16, 24), (30, 30, 220)).save(tmp_path / "blue.png")
+    (tmp_path / "garbage.png").write_bytes(b"this is not an image")
+    noise = torch.randint(0, 256, (64, 64, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    Image.fromarray(noise.numpy()).save(tmp_path / "full.jpg", quality=95)  # noise: the data dwarfs the header
+    data = (tmp_path / "full.jpg").read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    return tmp_path
+
+
+def _dataset(records, processor, image_folder, **kwargs) -> LlavaInstructDataset:
+    return LlavaInstructDataset(records, processor, image_folder, **kwargs)
+
+
+def test_vocabulary_ids_match_the_hand_written_constants(processor):
+    vocab = processor.tokenizer.get_vocab()
+    assert [vocab[word] for word in WORDS] == list(range(8, 22))
+    assert [vocab[token] for token in ("<s>", "</s>", "<pad>", "<image>", "USER:", "ASSISTANT:", "\n")] == [
+        BOS,
+        EOS,
+        PAD,
+        IMG,
+        USER,
+        ASSISTANT,
+        NL,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("record", "expected_ids", "expected_labels", "num_images"),
+    [(SINGLE, SINGLE_IDS, SINGLE_LABELS, 1), (MULTI, MULTI_IDS, MULTI_LABELS, 1), (TEXT, TEXT_IDS, TEXT_LABELS, 0)],
+    ids=["single-turn", "multi-turn", "text-only"],
+)
+def test_encoding_is_exact(processor, image_folder, record, expected_ids, expected_labels, num_images):
+    sample = _dataset([record], processor, image_folder)[0]
+    assert sample["id"] == record["id"]
+    assert sample["input_ids"].tolist() == expected_ids
+    assert sample["labels"].tolist() == expected_labels
+    if num_images:
+        assert sample["pixel_values"].shape == (num_images, 3, IMAGE_SIZE, IMAGE_SIZE)
+    else:
+        assert "pixel_values" not in sample
+
+
+def test_llava_hf_template_gets_eos_appended_and_eos_template_does_not_double_it(processor, image_folder):
+    # llava-hf's template renders no `</s>`: the dataset appends it. A template that emits it must not get two.
+    assert _dataset([MULTI], processor, image_folder).append_eos is True
+    eos_processor = build_processor(processor.tokenizer, IMAGE_SIZE, PATCH_SIZE, chat_template=EOS_EMITTING_TEMPLATE)
+    dataset = _dataset([MULTI, TEXT], eos_processor, image_folder)
+    assert dataset.append_eos is False
+    assert dataset.render(dataset.conversation(0)).text.count("</s>") == 2
+    assert dataset[0]["input_ids"].tolist() == MULTI_IDS and dataset[0]["labels"].tolist() == MULTI_LABELS
+    assert dataset[1]["input_ids"].tolist() == TEXT_IDS and dataset[1]["labels"].tolist() == TEXT_LABELS
+
+
+def test_labels_with_a_sentencepiece_style_tokenizer(image_folder):
+    """With Llama-style "▁word" pieces, the space-carrying token after `</s>` must stay unsupervised."""
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    corpus = ["USER: what color is it? ASSISTANT: red.", "USER: and the shape? ASSISTANT: a square."] * 20
+    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>", "<pad>", "<image>"])
+    backend.train_from_iterator(corpus, trainer)
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    sp_processor = build_processor(tokenizer, IMAGE_SIZE, PATCH_SIZE)
+    record = {
+        "id": "sp",
+        "image": "red.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\nwhat color is it?"},
+            {"from": "gpt", "value": "red."},
+            {"from": "human", "value": "and the shape?"},
+            {"from": "gpt", "value": "a square."},
+        ],
+    }
+    sample = _dataset([record], sp_processor, image_folder)[0]
+    supervised = sample["labels"][sample["labels"] != IGNORE_INDEX].tolist()
+    assert tokenizer.convert_ids_to_tokens(supervised) == ["▁red.", "</s>", "▁a", "▁square.", "</s>"]
+    assert int((sample["input_ids"] == tokenizer.convert_tokens_to_ids("<image>")).sum()) == 4
+
+
+def test_collator_mixed_batch_is_exact(processor, image_folder):
+    dataset = _dataset([SINGLE, TEXT, MULTI], processor, image_folder)
+    items = [dataset[0], dataset[1], dataset[2]]
+    batch = LlavaDataCollator.from_processor(processor)(items)
+    width = len(MULTI_IDS)
+    assert batch["input_ids"].tolist() == [
+        SINGLE_IDS + [PAD] * (width - len(SINGLE_IDS)),
+        TEXT_IDS + [PAD] * (width - len(TEXT_IDS)),
+        MULTI_IDS,
+    ]
+    assert batch["labels"].tolist() == [
+        SINGLE_LABELS + [X] * (width - len(SINGLE_IDS)),
+        TEXT_LABELS + [X] * (width - len(TEXT_IDS)),
+        MULTI_LABELS,
+    ]
+    assert batch["attention_mask"].tolist() == [
+        [1] * len(SINGLE_IDS) + [0] * (width - len(SINGLE_IDS)),
+        [1] * len(TEXT_IDS) + [0] * (width - len(TEXT_IDS)),
+        [1] * width,
+    ]
+    # Only the two image rows contribute pixels, in order of appearance.
+    assert torch.equal(batch["pixel_values"], torch.cat([items[0]["pixel_values"], items[2]["pixel_values"]]))
+
+    # The batch is what LlavaForConditionalGeneration.forward takes (it checks image tokens against features).
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(tiny_llava_config_for(processor, IMAGE_SIZE, PATCH_SIZE, text_layers=2))
+    with torch.no_grad():
+        output = model(**batch)
+    assert torch.isfinite(output.loss)
+
+
+def test_collator_text_only_batch_has_no_pixel_values(processor, image_folder):
+    dataset = _dataset([TEXT, TEXT], processor, image_folder)
+    batch = LlavaDataCollator.from_processor(processor)([dataset[0], dataset[1]])
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    assert batch["input_ids"].tolist() == [TEXT_IDS, TEXT_IDS]
+
+
+def test_collator_left_padding_and_multiple_of(processor, image_folder):
+    dataset = _dataset([TEXT, SINGLE], processor, image_folder)
+    collator = LlavaDataCollator(pad_token_id=PAD, padding_side="left", pad_to_multiple_of=8)
+    batch = collator([dataset[0], dataset[1]])
+    assert batch["input_ids"].tolist() == [[PAD] * 9 + TEXT_IDS, SINGLE_IDS]
+    assert batch["labels"].tolist() == [[X] * 9 + TEXT_LABELS, SINGLE_LABELS]
+    assert batch["attention_mask"].tolist() == [[0] * 9 + [1] * 7, [1] * 16]
+
+
+def test_collator_rejects_bad_features():
+    collator = LlavaDataCollator(pad_token_id=PAD)
+    with pytest.raises(ValueError, match="empty batch"):
+        collator([])
+    with pytest.raises(ValueError, match="must be equal 1-D"):
+        collator([{"input_ids": torch.tensor([1, 2, 3]), "labels": torch.tensor([1, 2])}])
+    mismatched = [
+        {"input_ids": torch.tensor([1]), "labels": torch.tensor([1]), "pixel_values": torch.zeros(1, 3, 8, 8)},
+        {"input_ids": torch.tensor([1]), "labels": torch.tensor([1]), "pixel_values": torch.zeros(1, 3, 16, 16)},
+    ]
+    with pytest.raises(ValueError, match="same processed shape"):
+        collator(mismatched)
+
+
+def _conv(*pairs):
+    return [{"from": role, "value": value} for role, value in pairs]
+
+
+BAD_RECORDS = {
+    "missing_image": {"id": "b1", "image": "nope.png", "conversations": SINGLE["conversations"]},
+    "unreadable_image": {"id": "b2", "image": "garbage.png", "conversations": SINGLE["conversations"]},
+    "no_conversations": {"id": "b3", "image": "red.png"},
+    "empty_conversations": {"id": "b4", "conversations": []},
+    "unknown_role": {"id": "b5", "conversations": _conv(("human", "hello"), ("bot", "hi"))},
+    "not_alternating": {"id": "b6", "conversations": _conv(("human", "hello"), ("human", "hello"), ("gpt", "hi"))},
+    "unanswered": {"id": "b7", "conversations": _conv(("human", "hello"), ("gpt", "hi"), ("human", "hello"))},
+    "not_an_object": ["hello", "hi"],
+    "value_not_string": {"id": "b9", "conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "hi"}]},
+    "image_token_no_image": {"id": "b10", "conversations": _conv(("human", "<image>\nhello"), ("gpt", "hi"))},
+    "too_long": {
+        "id": "b11",
+        "image": "red.png",
+        "conversations": _conv(("human", "<image>\nwhat color is it ?"), ("gpt", "red . " * 2000)),
+    },
+}
+EXPECTED_REASON = {
+    "missing_image": "missing_image",
+    "unreadable_image": "unreadable_image",
+    "no_conversations": "no_conversations",
+    "empty_conversations": "no_conversations",
+    "unknown_role": "malformed_roles",
+    "not_alternating": "malformed_roles",
+    "unanswered": "malformed_roles",
+    "not_an_object": "malformed_record",
+    "value_not_string": "malformed_record",
+    "image_token_no_image": "image_token_without_image",
+    "too_long": "too_long",
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RECORDS))
+def test_bad_record_raises_clear_error(processor, image_folder, case):
+    dataset = _dataset([TEXT, BAD_RECORDS[case]], processor, image_folder, on_bad_record="error")
+    assert dataset[0]["id"] == "text"
+    with pytest.raises(BadRecordError) as info:
+        dataset[1]
+    record_id = "#1" if case == "not_an_object" else BAD_RECORDS[case]["id"]
+    assert info.value.reason == EXPECTED_REASON[case]
+    assert info.value.record_id == record_id
+    assert f"'{record_id}'" in str(info.value) and EXPECTED_REASON[case] in str(info.value)
+    # The up-front scan checks everything and reports the same problem (dataset left unchanged).
+    with pytest.raises(DataValidationError, match=f"{record_id}.*{EXPECTED_REASON[case]}"):
+        dataset.scan(show_progress=False)
+    assert len(dataset) == 2
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RECORDS))
+def test_bad_record_is_skipped_and_counted_by_scan(processor, image_folder, case):
+    dataset = _dataset([SINGLE, BAD_RECORDS[case], TEXT], processor, image_folder, on_bad_record="skip")
+    stats = dataset.scan(show_progress=False)
+    assert dict(stats.skipped) == {EXPECTED_REASON[case]: 1}
+    assert (stats.checked, stats.kept, stats.num_skipped) == (3, 2, 1)
+    assert len(dataset) == 2 and [dataset[i]["id"] for i in range(2)] == ["single", "text"]
+    assert len(dataset.modality_lengths()) == 2
+    assert EXPECTED_REASON[case] in stats.summary()
+
+
+def test_scan_in_worker_processes_matches_in_process(processor, image_folder):
+    records = [SINGLE, BAD_RECORDS["missing_image"], TEXT, BAD_RECORDS["unknown_role"], MULTI]
+    serial = _dataset(records, processor, image_folder, on_bad_record="skip")
+    parallel = _dataset(records, processor, image_folder, on_bad_record="skip")
+    serial_stats = serial.scan(show_progress=False)
+    parallel_stats = parallel.scan(num_workers=2, show_progress=False)
+    assert parallel_stats == serial_stats and dict(serial_stats.skipped) == {"missing_image": 1, "malformed_roles": 1}
+    assert parallel.indices == serial.indices == [0, 2, 4]
+
+
+def test_lazy_skip_uses_next_record_and_counts(processor, image_folder, caplog):
+    records = [BAD_RECORDS["missing_image"], BAD_RECORDS["unknown_role"], TEXT]
+    dataset = _dataset(records, processor, image_folder, on_bad_record="skip")
+    with caplog.at_level(logging.WARNING, logger="train.data"):
+        sample = dataset[0]
+    assert sample["id"] == "text"
+    assert dict(dataset.stats.skipped) == {"missing_image": 1, "malformed_roles": 1}
+    assert "b1" in caplog.text and "b5" in caplog.text
+    assert len(dataset) == 3  # lazy skips never change the length the sampler was built for
+    with pytest.raises(IndexError):
+        dataset[3]
+    assert [sample["id"] for sample in dataset] == ["text"] * 3  # plain iteration stops at the end
+
+
+def test_truncated_image_needs_decoding_to_be_caught(processor, image_folder):
+    record = {"id": "trunc", "image": "truncated.jpg", "conversations": SINGLE["conversations"]}
+    light = _dataset([record, TEXT], processor, image_folder, on_bad_record="skip")
+    assert light.scan(show_progress=False).num_skipped == 0  # the JPEG header is intact
+    full = _dataset([record, TEXT], processor, image_folder, on_bad_record="skip")
+    assert dict(full.scan(decode_images=True, show_progress=False).skipped) == {"unreadable_image": 1}
+    with pytest.raises(BadRecordError, match="unreadable_image"):
+        _dataset([record], processor, image_folder)[0]
+
+
+@pytest.mark.parametrize("decode_images", [False, True])
+def test_scan_length_check_is_exact(processor, image_folder, decode_images):
+    # The light check counts image tokens without processing pixels; it must agree with the real encoding.
+    exact = len(MULTI_IDS)
+    fits = _dataset([MULTI], processor, image_folder, max_length=exact)
+    assert fits.scan(decode_images=decode_images, show_progress=False).kept == 1
+    short = _dataset([MULTI, TEXT], processor, image_folder, max_length=exact - 1, on_bad_record="skip")
+    assert dict(short.scan(decode_images=decode_images, show_progress=False).skipped) == {"too_long": 1}
+
+
+def test_truncation_never_splits_an_image(processor, image_folder):
+    # Cut right after the first answer's </s>: allowed, labels follow the cut.
+    dataset = _dataset([MULTI], processor, image_folder, max_length=16, truncate_long_samples=True)
+    sample = dataset[0]
+    assert sample["input_ids"].tolist() == SINGLE_IDS and sample["labels"].tolist() == SINGLE_LABELS
+    # Cut inside the image placeholders (positions 2-5): rejected even though truncation is on.
+    with pytest.raises(BadRecordError, match="too_long"):
+        _dataset([MULTI], processor, image_folder, max_length=4, truncate_long_samples=True)[0]
+    # Cut before any answer token: nothing left to learn, rejected.
+    with pytest.raises(BadRecordError, match="too_long"):
+        _dataset([MULTI], processor, image_folder, max_length=12, truncate_long_samples=True)[0]
+
+
+def test_both_span_finders_agree(processor, image_folder):
+    dataset = _dataset([MULTI], processor, image_folder)
+    messages = data._with_eos(dataset.conversation(0).messages, "</s>")
+    text = data._render(processor, messages, add_generation_prompt=False)
+    fast = data._spans_by_sentinels(processor, messages, text, "</s>")
+    assert fast is not None and fast == data._spans_by_prefixes(processor, messages, text, "</s>")
+    assert [text[start:end] for start, end in fast] == ["red .</s>", "square .</s>"]
+
+
+def test_template_that_rewrites_answers_uses_prefix_rendering(processor, image_folder):
+    # `| trim` changes answers, so the sentinel fast path cannot prove itself and prefix rendering takes over.
+    trimming = LLAVA_HF_CHAT_TEMPLATE.replace(
+        "{{ content['text'] + ' '}}{% endgeneration %}", "{{ content['text'] | trim + ' '}}{% endgeneration %}"
+    )
+    assert trimming != LLAVA_HF_CHAT_TEMPLATE
+    trimming_processor = build_processor(processor.tokenizer, IMAGE_SIZE, PATCH_SIZE, chat_template=trimming)
+    padded = {**MULTI, "conversations": [{**turn, "value": f"  {turn['value']}  "} for turn in MULTI["conversations"]]}
+    dataset = _dataset([padded], trimming_processor, image_folder)
+    messages = data._with_eos(dataset.conversation(0).messages, "</s>")
+    text = data._render(trimming_processor, messages, add_generation_prompt=False)
+    assert data._spans_by_sentinels(trimming_processor, messages, text, "</s>") is None
+    sample = dataset[0]
+    assert sample["input_ids"].tolist() == MULTI_IDS and sample["labels"].tolist() == MULTI_LABELS
+
+
+def test_template_that_is_not_prefix_stable_is_rejected(processor, image_folder):
+    # Prefixes start with a different count and answers are rewritten (so the fast path is not usable either).
+    counting = "{{ messages | length }} " + EOS_EMITTING_TEMPLATE.replace(
+        "{{ item['text'] }}{% endfor %}{{ eos", "{{ item['text'] | upper }}{% endfor %}{{ eos"
+    )
+    assert "upper" in counting
+    unstable = build_processor(processor.tokenizer, IMAGE_SIZE, PATCH_SIZE, chat_template=counting)
+    with pytest.raises(ChatTemplateError, match="prefix"):
+        _dataset([TEXT], unstable, image_folder, on_bad_record="skip")[0]
+
+
+def test_invalid_arguments(processor, image_folder):
+    with pytest.raises(ValueError, match="on_bad_record"):
+        _dataset([TEXT], processor, image_folder, on_bad_record="ignore")
+    with pytest.raises(ValueError, match="max_length"):
+        _dataset([TEXT], processor, image_folder, max_length=0)
+
+
+def test_from_json_and_jsonl(processor, image_folder):
+    (image_folder / "data.json").write_text(json.dumps([SINGLE, TEXT]))
+    (image_folder / "data.jsonl").write_text("\n".join(json.dumps(r) for r in [SINGLE, TEXT]) + "\n")
+    for name in ("data.json", "data.jsonl"):
+        dataset = LlavaInstructDataset.from_json(image_folder / name, processor, image_folder)
+        assert [dataset[i]["input_ids"].tolist() for i in range(2)] == [SINGLE_IDS, TEXT_IDS]
+    (image_folder / "object.json").write_text(json.dumps({"id": "x"}))
+    with pytest.raises(ValueError, match="JSON list"):
+        load_records(image_folder / "object.json")
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        load_records(image_folder / "missing.json")
+
+
+def test_modality_lengths_follow_llava(processor, image_folder):
+    dataset = _dataset([SINGLE, TEXT, MULTI], processor, image_folder)
+    # Whitespace-separated words of all turns ("<image>" included, as in LLaVA); negative for text-only records.
+    assert dataset.modality_lengths() == [8, -3, 14]
+
+
+def _megabatches(order, size):
+    return [order[i : i + size] for i in range(0, len(order), size)]
+
+
+def test_modality_grouped_sampler_groups_and_is_reproducible():
+    lengths = [5, 9, 3, 12, 7, 4, 10, 6, 8, 11] + [-2, -6, -3, -9, -4, -7, -5]
+    sampler = ModalityLengthGroupedSampler(lengths, batch_size=2, world_size=2, seed=3)
+    order = list(sampler)
+    assert sorted(order) == list(range(len(lengths))) and len(sampler) == len(lengths)
+    mixed = [batch for batch in _megabatches(order, 4) if len({lengths[i] > 0 for i in batch}) > 1]
+    assert len(mixed) <= 1  # only LLaVA's leftover megabatch may mix modalities
+    assert list(ModalityLengthGroupedSampler(lengths, batch_size=2, world_size=2, seed=3)) == order
+    sampler.set_epoch(1)
+    assert list(sampler) != order and sorted(sampler) == list(range(len(lengths)))
+
+
+def test_sampler_from_training_args(tmp_path):
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=3, gradient_accumulation_steps=2, seed=7, use_cpu=True
+    )
+    sampler = ModalityLengthGroupedSampler.from_training_args([4, -2, 5], args)
+    assert (sampler.batch_size, sampler.world_size, sampler.seed) == (3, 2, 7)
+
+
+def test_modality_grouping_sorts_each_megabatch_longest_first():
+    lengths = [5, 9, 3, 12, 7, 4, 10, 6] + [-2, -6, -3, -9]
+    order = get_modality_length_grouped_indices(lengths, 4, 1, torch.Generator().manual_seed(0))
+    for batch in _megabatches(order, 4):
+        sizes = [abs(lengths[i]) for i in batch]
+        assert len({lengths[i] > 0 for i in batch}) == 1 and sizes == sorted(sizes, reverse=True)
+
+
+def test_single_modality_falls_back_to_length_grouping():
+    lengths = [3, 1, 2, 5]
+    order = get_modality_length_grouped_indices(lengths, 2, 1, torch.Generator().manual_seed(0))
+    assert sorted(order) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="non-zero"):
+        get_modality_length_grouped_indices([1, 0], 2, 1)
+
+
+def test_dataloader_with_sampler_and_collator(processor, image_folder):
+    dataset = _dataset([SINGLE, TEXT, MULTI, TEXT, SINGLE, TEXT], processor, image_folder)
+    sampler = ModalityLengthGroupedSampler(dataset.modality_lengths(), batch_size=2, seed=0)
+    loader = DataLoader(dataset, batch_size=2, sampler=sampler, collate_fn=LlavaDataCollator.from_processor(processor))
+    batches = list(loader)
+    assert sum(len(batch["input_ids"]) for batch in batches) == 6
+    num_images = sum(len(batch.get("pixel_values", [])) for batch in batches)
+    assert num_images == 3
+    for batch in batches:
+        assert int((batch["input_ids"] == IMG).sum()) == 4 * len(batch.get("pixel_values", []))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    turns=st.lists(
+        st.tuples(st.lists(st.sampled_from(WORDS), max_size=4), st.lists(st.sampled_from(WORDS), max_size=4)),
+        min_size=1,
+        max_size=4,
+    ),
+    with_image=st.booleans(),
+)
+def test_supervised_tokens_are_exactly_the_answers(processor, image_folder, turns, with_image):
+    conversations = []
+    for question, answer in turns:
+        conversations += [{"from": "human", "value": " ".join(question)}, {"from": "gpt", "value": " ".join(answer)}]
+    record = {"id": "random", "conversations": conversations, **({"image": "red.png"} if with_image else {})}
+    sample = _dataset([record], processor, image_folder)[0]
+    labels, input_ids = sample["labels"], sample["input_ids"]
+    supervised = labels[labels != IGNORE_INDEX].tolist()
+    vocab = processor.tokenizer.get_vocab()
+    assert supervised == [token for _, answer in turns for token in [vocab[word] for word in answer] + [EOS]]
+    assert torch.equal(labels[labels != IGNORE_INDEX], input_ids[labels != IGNORE_INDEX])
+    assert int((input_ids == IMG).sum()) == (4 if with_image else 0) and input_ids[0] == BOS
+    # Every answer starts right after an ASSISTANT: token.
+    starts = [i for i in range(1, len(labels)) if labels[i] != IGNORE_INDEX and labels[i - 1] == IGNORE_INDEX]
+    assert all(input_ids[i - 1] == ASSISTANT for i in starts) and len(starts) == len(turns)

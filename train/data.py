@@ -1,0 +1,857 @@
+"""LLaVA-InstructionMix-665K data: JSON records -> chat-template prompts -> token ids, labels and pixel values.
+
+A record is `{"id", "image"? (relative to the image folder), "conversations": [{"from": "human"|"gpt", "value"}]}`;
+text-only records have no `image`. As in LLaVA, `<image>` is removed from the turns and put back once at the start
+of the first human turn (the chat template renders it as `<image>\\n` before the question).
+
+Labels: only assistant answers and the end-of-turn token that closes each of them (`</s>` for LLaVA-1.5) are
+supervised; every other position is `IGNORE_INDEX` (-100). The prompt is rendered with the processor's own chat
+template, and the answers are located in the rendered text without relying on `{% generation %}` markers (which
+most templates lack):
+
+- fast path: render once more with a sentinel in place of each answer; if putting the answers back reproduces the
+  real rendering character for character (the template copies answers verbatim, as llava-hf's does), the sentinel
+  positions are the answer spans;
+- general path: the answer of assistant turn `k` is what `render(turns[:k + 1])` adds to
+  `render(turns[:k], add_generation_prompt=True)`; any template whose successive prefixes extend each other works,
+  others raise `ChatTemplateError`.
+
+Both give the same spans (answer without surrounding whitespace, through its EOS). When the template does not emit
+the end-of-turn token itself (llava-hf's LLaVA-1.5 template renders `ASSISTANT: <answer> USER: ...` without `</s>`,
+while LLaVA was trained to end every answer with `</s>`), it is appended to each answer before rendering. Character
+spans become token labels through the tokenizer's offset mapping, after shifting them past the processor's
+expansion of each `<image>` into one placeholder token per vision token.
+
+Bad records (missing or unreadable image, no conversations, malformed roles, too long, ...) either raise
+`BadRecordError` naming the record and the problem (`on_bad_record="error"`) or are skipped and counted
+(`on_bad_record="skip"`). `LlavaInstructDataset.scan()` checks every record up front so problems surface before
+training starts rather than hours in.
+"""
+
+import json
+import logging
+import math
+import os
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+from transformers import ProcessorMixin
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+DEFAULT_MAX_LENGTH = 2048
+DEFAULT_IMAGE_TOKEN = "<image>"
+MAX_LISTED_ERRORS = 20  # bad records quoted in full by a failing `scan()`
+
+BadRecordPolicy = Literal["error", "skip"]
+BAD_RECORD_POLICIES = ("error", "skip")
+
+# Why a record is rejected; `DataStats.skipped` counts skips under these keys.
+MALFORMED_RECORD = "malformed_record"  # not a JSON object, or fields of the wrong type
+NO_CONVERSATIONS = "no_conversations"  # `conversations` missing or empty
+MALFORMED_ROLES = "malformed_roles"  # unknown role, turns not alternating human/gpt, or no final answer
+IMAGE_TOKEN_WITHOUT_IMAGE = "image_token_without_image"  # `<image>` in the text of a text-only record
+MISSING_IMAGE = "missing_image"  # the image file does not exist
+UNREADABLE_IMAGE = "unreadable_image"  # the image file exists but PIL cannot decode it
+TOO_LONG = "too_long"  # more than `max_length` tokens (and not safely truncatable)
+BAD_RECORD_REASONS = (
+    MALFORMED_RECORD,
+    NO_CONVERSATIONS,
+    MALFORMED_ROLES,
+    IMAGE_TOKEN_WITHOUT_IMAGE,
+    MISSING_IMAGE,
+    UNREADABLE_IMAGE,
+    TOO_LONG,
+)
+
+# LLaVA's speaker names, plus the chat-template names for data converted from other sources.
+ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+# Errors PIL raises for corrupt, truncated or hostile files (UnidentifiedImageError is an OSError).
+_IMAGE_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+class BadRecordError(ValueError):
+    """A data record that cannot be turned into a training sample; names the record, the reason and the detail."""
+
+    def __init__(self, record_id: str, reason: str, detail: str):
+        self.record_id = record_id
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"Bad data record {record_id!r} ({reason}): {detail}")
+
+
+class ChatTemplateError(ValueError):
+    """The processor's chat template cannot be used to locate assistant turns (a setup problem, never skipped)."""
+
+
+class DataValidationError(ValueError):
+    """`scan()` found bad records while `on_bad_record="error"`; lists how many of each kind and the first few."""
+
+
+@dataclass
+class DataStats:
+    """Counts of records checked, kept and skipped (by reason), with the first few skipped ids per reason."""
+
+    checked: int = 0
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+    max_examples: int = 5
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def add_kept(self) -> None:
+        self.checked += 1
+        self.kept += 1
+
+    def add_skipped(self, error: BadRecordError) -> None:
+        self.checked += 1
+        self.skipped[error.reason] += 1
+        examples = self.examples.setdefault(error.reason, [])
+        if len(examples) < self.max_examples:
+            examples.append(error.record_id)
+
+    def summary(self) -> str:
+        """One line, e.g. `checked 10, kept 8, skipped 2 (missing_image: 1 e.g. ['a'], too_long: 1 e.g. ['b'])`."""
+        parts = [f"{reason}: {count} e.g. {self.examples.get(reason, [])}" for reason, count in self.skipped.items()]
+        detail = f" ({', '.join(parts)})" if parts else ""
+        return f"checked {self.checked}, kept {self.kept}, skipped {self.num_skipped}{detail}"
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """A validated record: chat-template messages plus the image path (None for text-only records)."""
+
+    record_id: str
+    image: str | None
+    messages: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class RenderedConversation:
+    """Prompt text and the `[start, end)` character spans of the supervised assistant answers (each ends with EOS)."""
+
+    text: str
+    assistant_spans: list[tuple[int, int]]
+
+
+def load_records(path: str | os.PathLike) -> list[Any]:
+    """Records of a LLaVA JSON file (one list of records) or JSON-lines file (one record per line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Data file not found: {path}")
+    with path.open(encoding="utf-8") as handle:
+        if path.suffix == ".jsonl":
+            return [json.loads(line) for line in handle if line.strip()]
+        records = json.load(handle)
+    if not isinstance(records, list):
+        raise ValueError(f"{path} must contain a JSON list of records, found {type(records).__name__}")
+    return records
+
+
+def record_id_of(record: Any, index: int) -> str:
+    """The record's `id`, or `#<index>` when it has none (errors must name something the user can find)."""
+    if isinstance(record, Mapping) and record.get("id") is not None:
+        return str(record["id"])
+    return f"#{index}"
+
+
+def _check_turns(record_id: str, turns: Any) -> list[tuple[str, str]]:
+    """(role, text) pairs of a record's `conversations`, alternating user/assistant and ending with an answer."""
+    if not isinstance(turns, list) or not turns:
+        raise BadRecordError(record_id, NO_CONVERSATIONS, "`conversations` is missing or empty")
+    checked: list[tuple[str, str]] = []
+    for position, turn in enumerate(turns):
+        if not isinstance(turn, Mapping) or not isinstance(turn.get("value"), str):
+            raise BadRecordError(record_id, MALFORMED_RECORD, f"turn {position} is not {{'from': ..., 'value': str}}")
+        role = ROLE_NAMES.get(turn.get("from"))
+        if role is None:
+            raise BadRecordError(
+                record_id, MALFORMED_ROLES, f"turn {position} has unknown role {turn.get('from')!r} (use human/gpt)"
+            )
+        expected = "user" if position % 2 == 0 else "assistant"
+        if role != expected:
+            raise BadRecordError(
+                record_id, MALFORMED_ROLES, f"turn {position} is {turn.get('from')!r}; turns must alternate human/gpt"
+            )
+        checked.append((role, turn["value"]))
+    if checked[-1][0] != "assistant":
+        raise BadRecordError(record_id, MALFORMED_ROLES, "the last turn is a human turn with no answer")
+    return checked
+
+
+def _strip_image_token(text: str, image_token: str) -> str:
+    """LLaVA's relocation: drop every `<image>` from a turn and strip the whitespace it leaves around the text."""
+    return text.replace(image_token, "").strip() if image_token in text else text
+
+
+def record_to_conversation(record: Any, index: int, image_token: str = DEFAULT_IMAGE_TOKEN) -> Conversation:
+    """Validate a raw record and convert it to chat-template messages with the image in the first user turn."""
+    record_id = record_id_of(record, index)
+    if not isinstance(record, Mapping):
+        raise BadRecordError(record_id, MALFORMED_RECORD, f"expected a JSON object, got {type(record).__name__}")
+    image = record.get("image")
+    if image is not None and (not isinstance(image, str) or not image):
+        raise BadRecordError(record_id, MALFORMED_RECORD, f"`image` must be a non-empty path string, got {image!r}")
+    turns = _check_turns(record_id, record.get("conversations"))
+    if image is None and any(image_token in text for _, text in turns):
+        raise BadRecordError(record_id, IMAGE_TOKEN_WITHOUT_IMAGE, f"text contains {image_token!r} but no `image`")
+
+    messages = []
+    for position, (role, text) in enumerate(turns):
+        content: list[dict[str, Any]] = []
+        if image is not None:
+            text = _strip_image_token(text, image_token)
+            if position == 0:
+                content.append({"type": "image"})
+        content.append({"type": "text", "text": text})
+        messages.append({"role": role, "content": content})
+    return Conversation(record_id=record_id, image=image, messages=messages)
+
+
+def _with_eos(messages: list[dict[str, Any]], eos_token: str) -> list[dict[str, Any]]:
+    """Copy of `messages` with `eos_token` appended to every assistant text."""
+    return [
+        {
+            **message,
+            "content": [
+                {**item, "text": item["text"] + eos_token} if item["type"] == "text" else item
+                for item in message["content"]
+            ],
+        }
+        if message["role"] == "assistant"
+        else message
+        for message in messages
+    ]
+
+
+def _render(processor: ProcessorMixin, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def chat_template_emits_eos(processor: ProcessorMixin) -> bool:
+    """Whether the processor's chat template itself closes an assistant answer with the tokenizer's EOS token."""
+    eos_token = processor.tokenizer.eos_token
+    probe = [
+        {"role": "user", "content": [{"type": "text", "text": "question"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "answer"}]},
+    ]
+    prompt = _render(processor, probe[:1], add_generation_prompt=True)
+    full = _render(processor, probe, add_generation_prompt=False)
+    return full[len(prompt) :].rstrip().endswith(eos_token)
+
+
+def _answer_span(text: str, start: int, end: int) -> tuple[int, int]:
+    """Shrink `[start, end)` to exclude the whitespace a template puts around an answer."""
+    answer = text[start:end]
+    return start + len(answer) - len(answer.lstrip()), start + len(answer.rstrip())
+
+
+def _sentinel(turn: int) -> str:
+    # Private-use code points: never in real data, left alone by templates that do not transform content.
+    return f"\ue000{turn}\ue001"
+
+
+def _spans_by_sentinels(
+    processor: ProcessorMixin, messages: list[dict[str, Any]], text: str, eos_token: str
+) -> list[tuple[int, int]] | None:
+    """Fast path (one extra render): render with a sentinel in place of each answer, then put the answers back.
+
+    Returns None, so the caller falls back to prefix rendering, unless putting the answers back reproduces `text`
+    exactly (the template copies answers verbatim) and every answer is followed by the EOS token.
+    """
+    answers: dict[int, str] = {}
+    marked_messages = []
+    for turn, message in enumerate(messages):
+        texts = [item for item in message["content"] if item["type"] == "text"]
+        if message["role"] == "assistant":
+            if len(texts) != 1:
+                return None
+            answers[turn] = texts[0]["text"]
+            message = {**message, "content": [{"type": "text", "text": _sentinel(turn)}]}
+        marked_messages.append(message)
+    marked = _render(processor, marked_messages, add_generation_prompt=False)
+    pieces, spans, cursor, length = [], [], 0, 0
+    for turn, answer in answers.items():
+        found = marked.find(_sentinel(turn), cursor)
+        if found < 0:
+            return None
+        pieces += [marked[cursor:found], answer]
+        length += found - cursor
+        spans.append(_answer_span(text, length, length + len(answer)) if text[length:].startswith(answer) else None)
+        length += len(answer)
+        cursor = found + len(_sentinel(turn))
+    pieces.append(marked[cursor:])
+    if "".join(pieces) != text or None in spans:
+        return None
+    # A template that writes EOS right after the answer (rather than us appending it) gets it included.
+    spans = [
+        (start, end + len(eos_token)) if text.startswith(eos_token, end) else (start, end) for start, end in spans
+    ]
+    return spans if all(text[start:end].endswith(eos_token) for start, end in spans) else None
+
+
+def _spans_by_prefixes(
+    processor: ProcessorMixin, messages: list[dict[str, Any]], text: str, eos_token: str
+) -> list[tuple[int, int]]:
+    """General path (two renders per answer): an answer is what `render(turns[:k + 1])` adds to the prompt
+    `render(turns[:k], add_generation_prompt=True)`. Works for any template whose prefixes extend each other."""
+    spans = []
+    for turn, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = _render(processor, messages[:turn], add_generation_prompt=True)
+        through_answer = _render(processor, messages[: turn + 1], add_generation_prompt=False)
+        if not (through_answer.startswith(prompt) and text.startswith(through_answer)):
+            raise ChatTemplateError(
+                "The chat template renders a conversation prefix differently from the full conversation, so "
+                f"assistant turns cannot be located. Prefix ending at turn {turn}: {through_answer!r}"
+            )
+        start, end = _answer_span(text, len(prompt), len(through_answer))
+        if not text[start:end].endswith(eos_token):
+            raise ChatTemplateError(
+                f"Assistant turn {turn} does not end with the EOS token {eos_token!r} after rendering: "
+                f"{text[start:end]!r}"
+            )
+        spans.append((start, end))
+    return spans
+
+
+def render_conversation(
+    processor: ProcessorMixin, messages: list[dict[str, Any]], append_eos: bool
+) -> RenderedConversation:
+    """Render `messages` with the processor's chat template and locate the assistant answers in the text.
+
+    With `append_eos`, the tokenizer's EOS token is appended to each answer first (for templates that do not emit
+    it). Each span runs from the first non-space character of the answer to the end of its EOS token, so the role
+    header and the whitespace the template puts around answers stay unsupervised. Spans come from the sentinel fast
+    path when it provably reproduces the rendering, else from prefix-by-prefix rendering (same spans, slower).
+    """
+    eos_token = processor.tokenizer.eos_token
+    if append_eos:
+        messages = _with_eos(messages, eos_token)
+    text = _render(processor, messages, add_generation_prompt=False)
+    spans = _spans_by_sentinels(processor, messages, text, eos_token)
+    if spans is None:
+        spans = _spans_by_prefixes(processor, messages, text, eos_token)
+    # Trailing whitespace after the last answer would only add an unsupervised token.
+    return RenderedConversation(text=text.rstrip(), assistant_spans=spans)
+
+
+def _shift_spans(spans: list[tuple[int, int]], replacements: list[dict[str, Any]]) -> list[tuple[int, int]]:
+    """Move character spans of the prompt to where they are after the processor expanded its `<image>` tokens."""
+    shifted = []
+    for start, end in spans:
+        # Every placeholder that ends at or before the span start pushes the span right by what it grew.
+        gained = sum(r["new_span"][1] - r["span"][1] for r in replacements if r["span"][1] <= start)
+        shifted.append((start + gained, end + gained))
+    return shifted
+
+
+def labels_from_spans(input_ids: torch.Tensor, offsets: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
+    """Labels `[seq_len]`: `input_ids` where a token overlaps an assistant span, `IGNORE_INDEX` elsewhere.
+
+    `offsets` is the tokenizer's offset mapping `[seq_len, 2]`; tokens it does not place in the text (such as the
+    BOS token the tokenizer adds, offsets `(0, 0)`) never overlap a span.
+    """
+    supervised = torch.zeros_like(input_ids, dtype=torch.bool)
+    for start, end in spans:
+        supervised |= (offsets[:, 0] < end) & (offsets[:, 1] > start)
+    return torch.where(supervised, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+
+
+def check_image_file(path: Path, record_id: str) -> tuple[int, int]:
+    """(width, height) of the image at `path`, reading only its header; raises `BadRecordError` if unusable."""
+    if not path.is_file():
+        raise BadRecordError(record_id, MISSING_IMAGE, f"image file not found: {path}")
+    try:
+        with Image.open(path) as image:
+            size = image.size
+            image.verify()
+    except _IMAGE_DECODE_ERRORS as error:
+        raise BadRecordError(record_id, UNREADABLE_IMAGE, f"cannot read image {path}: {error}") from error
+    return size
+
+
+def load_image(path: Path, record_id: str) -> Image.Image:
+    """The image at `path` decoded as RGB; raises `BadRecordError` if missing, truncated or corrupt."""
+    if not path.is_file():
+        raise BadRecordError(record_id, MISSING_IMAGE, f"image file not found: {path}")
+    try:
+        with Image.open(path) as image:
+            # convert() decodes the whole file, so bad data fails here with the record named, not deep in a worker.
+            return image.convert("RGB")
+    except _IMAGE_DECODE_ERRORS as error:
+        raise BadRecordError(record_id, UNREADABLE_IMAGE, f"cannot read image {path}: {error}") from error
+
+
+def _image_token_spans(input_ids: torch.Tensor, image_token_id: int) -> list[tuple[int, int]]:
+    """`[start, end)` token ranges of consecutive image placeholder tokens."""
+    is_image = (input_ids == image_token_id).tolist()
+    spans, start = [], None
+    for position, flag in enumerate(is_image + [False]):
+        if flag and start is None:
+            start = position
+        elif not flag and start is not None:
+            spans.append((start, position))
+            start = None
+    return spans
+
+
+def truncation_point(
+    input_ids: torch.Tensor, labels: torch.Tensor, max_length: int, image_token_id: int
+) -> int | None:
+    """`max_length` if cutting there splits no image span and keeps a supervised token, else None."""
+    if any(start < max_length < end for start, end in _image_token_spans(input_ids, image_token_id)):
+        return None
+    if not bool((labels[:max_length] != IGNORE_INDEX).any()):
+        return None
+    return max_length
+
+
+class LlavaInstructDataset(Dataset):
+    """Map-style dataset of LLaVA instruction records, encoded lazily with the checkpoint's processor.
+
+    Each item is `{"input_ids": LongTensor[seq_len], "labels": LongTensor[seq_len], "pixel_values":
+    FloatTensor[1, 3, H, W] (image records only), "id": str}`; batch items with `LlavaDataCollator`.
+
+    Args:
+        records: Raw records (see module docstring).
+        processor: A LLaVA processor with a chat template (`LlavaProcessor` of the checkpoint being trained).
+        image_folder: Folder the records' `image` paths are relative to (None: paths are used as given).
+        max_length: Longest sample in tokens, image placeholders included (LLaVA-1.5: 2048).
+        on_bad_record: "error" raises `BadRecordError`; "skip" logs, counts (`self.stats`) and uses the next
+            good record instead.
+        truncate_long_samples: Cut too-long samples to `max_length` instead of rejecting them, as LLaVA does,
+            but only when the cut splits no image and leaves at least one supervised token.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Any],
+        processor: ProcessorMixin,
+        image_folder: str | os.PathLike | None = None,
+        *,
+        max_length: int = DEFAULT_MAX_LENGTH,
+        on_bad_record: BadRecordPolicy = "error",
+        truncate_long_samples: bool = False,
+    ):
+        if on_bad_record not in BAD_RECORD_POLICIES:
+            raise ValueError(f"on_bad_record must be one of {BAD_RECORD_POLICIES}, got {on_bad_record!r}")
+        if max_length <= 0:
+            raise ValueError(f"max_length must be positive, got {max_length}")
+        if getattr(processor, "chat_template", None) is None:
+            raise ChatTemplateError("The processor has no chat template; prompts are built with it.")
+        tokenizer = processor.tokenizer
+        if tokenizer.eos_token is None:
+            raise ValueError("The tokenizer has no EOS token; assistant turns must end with one.")
+        self.records = records
+        self.processor = processor
+        self.image_folder = Path(image_folder) if image_folder is not None else None
+        self.max_length = max_length
+        self.on_bad_record = on_bad_record
+        self.truncate_long_samples = truncate_long_samples
+        self.image_token = getattr(processor, "image_token", DEFAULT_IMAGE_TOKEN)
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.append_eos = not chat_template_emits_eos(processor)
+        self.stats = DataStats()
+        # Positions in `records` that this dataset serves; `scan()` removes bad ones under the "skip" policy.
+        self.indices: list[int] = list(range(len(records)))
+        self._image_tokens_by_size: dict[tuple[int, int], int] = {}
+
+    @classmethod
+    def from_json(
+        cls,
+        path: str | os.PathLike,
+        processor: ProcessorMixin,
+        image_folder: str | os.PathLike | None = None,
+        **kwargs: Any,
+    ) -> "LlavaInstructDataset":
+        """Dataset over a LLaVA JSON (or JSON-lines) file; `kwargs` go to the constructor."""
+        return cls(load_records(path), processor, image_folder, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """Encoded sample `index`; under the "skip" policy a bad record is replaced by the next good one."""
+        if not -len(self.indices) <= index < len(self.indices):
+            raise IndexError(f"index {index} out of range for a data set of {len(self.indices)} samples")
+        index %= len(self.indices)
+        for attempt in range(len(self.indices)):
+            record_index = self.indices[(index + attempt) % len(self.indices)]
+            try:
+                return self.encode(record_index)
+            except BadRecordError as error:
+                if self.on_bad_record == "error":
+                    raise
+                self.stats.add_skipped(error)
+                logger.warning("Skipping %s", error)
+        raise RuntimeError(f"No usable record in the data set ({self.stats.summary()})")
+
+    def image_path(self, image: str) -> Path:
+        return self.image_folder / image if self.image_folder is not None else Path(image)
+
+    def conversation(self, record_index: int) -> Conversation:
+        """Validated chat-template messages of `records[record_index]` (raises `BadRecordError`)."""
+        return record_to_conversation(self.records[record_index], record_index, self.image_token)
+
+    def render(self, conversation: Conversation) -> RenderedConversation:
+        return render_conversation(self.processor, conversation.messages, append_eos=self.append_eos)
+
+    def _tokenizer_adds_bos(self, text: str) -> bool:
+        # A template that writes the BOS token itself must not get a second one from the tokenizer.
+        bos_token = self.processor.tokenizer.bos_token
+        return not (bos_token is not None and text.startswith(bos_token))
+
+    def encode(self, record_index: int) -> dict[str, Any]:
+        """Full encoding of `records[record_index]` (image decoded and processed); raises `BadRecordError`."""
+        conversation = self.conversation(record_index)
+        rendered = self.render(conversation)
+        images = None
+        if conversation.image is not None:
+            images = [load_image(self.image_path(conversation.image), conversation.record_id)]
+        encoding = self.processor(
+            images=images,
+            text=[rendered.text],
+            add_special_tokens=self._tokenizer_adds_bos(rendered.text),
+            return_offsets_mapping=True,
+            return_text_replacement_offsets=True,
+            return_tensors="pt",
+        )
+        input_ids = encoding["input_ids"][0]
+        spans = _shift_spans(rendered.assistant_spans, encoding["text_replacement_offsets"][0])
+        labels = labels_from_spans(input_ids, encoding["offset_mapping"][0], spans)
+        input_ids, labels = self._fit_length(conversation.record_id, input_ids, labels)
+        sample = {"id": conversation.record_id, "input_ids": input_ids, "labels": labels}
+        if images is not None:
+            sample["pixel_values"] = encoding["pixel_values"]
+        return sample
+
+    def _fit_length(
+        self, record_id: str, input_ids: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(input_ids) <= self.max_length:
+            return input_ids, labels
+        cut = None
+        if self.truncate_long_samples:
+            cut = truncation_point(input_ids, labels, self.max_length, self.image_token_id)
+        if cut is None:
+            raise BadRecordError(
+                record_id,
+                TOO_LONG,
+                f"{len(input_ids)} tokens > max_length {self.max_length}"
+                + (" and truncation would split an image or drop every answer" if self.truncate_long_samples else ""),
+            )
+        return input_ids[:cut], labels[:cut]
+
+    def image_tokens_for_size(self, width: int, height: int) -> int:
+        """Placeholder tokens an image of this size expands to (measured once per size on a blank image)."""
+        size = (width, height)
+        if size not in self._image_tokens_by_size:
+            encoding = self.processor(
+                images=[Image.new("RGB", size)], text=[self.image_token], add_special_tokens=False
+            )
+            self._image_tokens_by_size[size] = sum(token == self.image_token_id for token in encoding["input_ids"][0])
+        return self._image_tokens_by_size[size]
+
+    def check(self, record_index: int, decode_images: bool = False) -> None:
+        """Validate `records[record_index]` without producing tensors (raises `BadRecordError`).
+
+        Checks structure, chat rendering, the image file header and the token length (image placeholders counted
+        without decoding pixels). `decode_images=True` runs the full `encode` instead, which also catches truncated
+        or corrupt image data, at the cost of decoding every image.
+        """
+        if decode_images:
+            self.encode(record_index)
+            return
+        conversation = self.conversation(record_index)
+        rendered = self.render(conversation)
+        length = len(
+            self.processor.tokenizer(rendered.text, add_special_tokens=self._tokenizer_adds_bos(rendered.text))[
+                "input_ids"
+            ]
+        )
+        if conversation.image is not None:
+            width, height = check_image_file(self.image_path(conversation.image), conversation.record_id)
+            # The text already counts the `<image>` token itself once.
+            length += self.image_tokens_for_size(width, height) - 1
+        if length > self.max_length:
+            # Rare: whether truncation is allowed depends on exact positions, so encode for real.
+            self.encode(record_index)
+
+    def scan(self, *, decode_images: bool = False, num_workers: int = 0, show_progress: bool = True) -> DataStats:
+        """Check every record up front (in `num_workers` processes); returns, and stores in `self.stats`, the counts.
+
+        Under "skip" the bad records are removed from the dataset (so `len(self)` and `modality_lengths()` cover only
+        good ones); under "error" a `DataValidationError` lists the problems found, after checking all records.
+        """
+        stats = DataStats()
+        errors: list[BadRecordError] = []
+        good: list[int] = []
+        checks = DataLoader(
+            _RecordChecks(self, decode_images), batch_size=64, num_workers=num_workers, collate_fn=list
+        )
+        with tqdm(total=len(self.indices), desc="Checking data", disable=not show_progress, unit="record") as bar:
+            for outcomes in checks:
+                for record_index, problem in outcomes:
+                    if problem is None:
+                        stats.add_kept()
+                        good.append(record_index)
+                        continue
+                    error = BadRecordError(*problem)
+                    stats.add_skipped(error)
+                    if len(errors) < MAX_LISTED_ERRORS:
+                        errors.append(error)
+                bar.update(len(outcomes))
+        self.stats = stats
+        if errors and self.on_bad_record == "error":
+            listed = "\n".join(f"  - {error}" for error in errors)
+            more = f"\n  ... and {stats.num_skipped - len(errors)} more" if stats.num_skipped > len(errors) else ""
+            raise DataValidationError(
+                f"{stats.num_skipped} bad data record(s) ({stats.summary()}):\n{listed}{more}\n"
+                'Fix them or pass on_bad_record="skip" to skip them.'
+            )
+        if not good:
+            raise DataValidationError(f"No usable record in the data set ({stats.summary()})")
+        if errors:
+            logger.warning("Data scan: %s", stats.summary())
+        self.indices = good
+        return stats
+
+    def modality_lengths(self) -> list[int]:
+        """LLaVA's lengths for `group_by_modality_length`: word count of the conversation, negative if text-only.
+
+        Word counts (not tokens) as in LLaVA, so this is cheap on 665K records; never 0 (the sampler needs a sign).
+        """
+        lengths = []
+        for record_index in self.indices:
+            record = self.records[record_index]
+            words = 0
+            if isinstance(record, Mapping) and isinstance(record.get("conversations"), list):
+                words = sum(
+                    len(turn["value"].split())
+                    for turn in record["conversations"]
+                    if isinstance(turn, Mapping) and isinstance(turn.get("value"), str)
+                )
+            words = max(words, 1)
+            has_image = isinstance(record, Mapping) and record.get("image") is not None
+            lengths.append(words if has_image else -words)
+        return lengths
+
+
+class _RecordChecks(Dataset):
+    """`LlavaInstructDataset.check` as a dataset, so a DataLoader can spread `scan()` over worker processes.
+
+    Items are `(record_index, None)` or `(record_index, (record_id, reason, detail))`: plain tuples, because
+    exceptions with custom constructors do not survive the trip back from a worker.
+    """
+
+    def __init__(self, dataset: LlavaInstructDataset, decode_images: bool):
+        self.dataset = dataset
+        self.decode_images = decode_images
+
+    def __len__(self) -> int:
+        return len(self.dataset.indices)
+
+    def __getitem__(self, position: int) -> tuple[int, tuple[str, str, str] | None]:
+        record_index = self.dataset.indices[position]
+        try:
+            self.dataset.check(record_index, decode_images=self.decode_images)
+        except BadRecordError as error:
+            return record_index, (error.record_id, error.reason, error.detail)
+        return record_index, None
+
+
+@dataclass
+class LlavaDataCollator:
+    """Pads `LlavaInstructDataset` items into a batch for `LlavaForConditionalGeneration.forward`.
+
+    Returns `input_ids` `[batch, seq_len]` (padded with `pad_token_id`), `attention_mask` `[batch, seq_len]`,
+    `labels` `[batch, seq_len]` (padded with `label_pad_token_id`) and, when any item has an image,
+    `pixel_values` `[num_images, 3, H, W]`: the images of the batch in order of appearance, which is the order in
+    which LLaVA fills the image placeholder tokens. Text-only items contribute no image; a batch without images has
+    no `pixel_values` key.
+    """
+
+    pad_token_id: int
+    label_pad_token_id: int = IGNORE_INDEX
+    padding_side: Literal["right", "left"] = "right"
+    pad_to_multiple_of: int | None = None
+
+    @classmethod
+    def from_processor(cls, processor: ProcessorMixin, **kwargs: Any) -> "LlavaDataCollator":
+        pad_token_id = processor.tokenizer.pad_token_id
+        if pad_token_id is None:
+            raise ValueError("The tokenizer has no pad token; set one (llava-hf checkpoints use `<pad>`).")
+        return cls(pad_token_id=pad_token_id, **kwargs)
+
+    def __post_init__(self):
+        if self.padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {self.padding_side!r}")
+
+    def _padded_length(self, features: list[Mapping[str, Any]]) -> int:
+        length = max(len(feature["input_ids"]) for feature in features)
+        if self.pad_to_multiple_of:
+            length = math.ceil(length / self.pad_to_multiple_of) * self.pad_to_multiple_of
+        return length
+
+    def _pad(self, sequences: list[torch.Tensor], length: int, value: int) -> torch.Tensor:
+        batch = torch.full((len(sequences), length), value, dtype=torch.long)
+        for row, sequence in enumerate(sequences):
+            if self.padding_side == "right":
+                batch[row, : len(sequence)] = sequence
+            else:
+                batch[row, length - len(sequence) :] = sequence
+        return batch
+
+    def __call__(self, features: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        if not features:
+            raise ValueError("Cannot collate an empty batch")
+        input_ids = [torch.as_tensor(feature["input_ids"], dtype=torch.long) for feature in features]
+        labels = [torch.as_tensor(feature["labels"], dtype=torch.long) for feature in features]
+        for row, (ids, row_labels) in enumerate(zip(input_ids, labels, strict=True)):
+            if ids.shape != row_labels.shape or ids.dim() != 1:
+                raise ValueError(
+                    f"Item {row}: input_ids {tuple(ids.shape)} and labels {tuple(row_labels.shape)} must be equal 1-D"
+                )
+        length = self._padded_length(features)
+        batch = {
+            "input_ids": self._pad(input_ids, length, self.pad_token_id),
+            "attention_mask": self._pad([torch.ones_like(ids) for ids in input_ids], length, 0),
+            "labels": self._pad(labels, length, self.label_pad_token_id),
+        }
+        pixel_values = [feature["pixel_values"] for feature in features if feature.get("pixel_values") is not None]
+        if pixel_values:
+            shapes = {tuple(pixels.shape[1:]) for pixels in pixel_values}
+            if len(shapes) != 1:
+                raise ValueError(f"All images of a batch must have the same processed shape, got {sorted(shapes)}")
+            batch["pixel_values"] = torch.cat([torch.as_tensor(pixels) for pixels in pixel_values], dim=0)
+        return batch
+
+
+def split_to_even_chunks(indices: list[int], lengths: Sequence[int], num_chunks: int) -> list[list[int]]:
+    """Split `indices` into `num_chunks` chunks of equal size and roughly equal total length (LLaVA's rule)."""
+    if len(indices) % num_chunks != 0:
+        return [indices[i::num_chunks] for i in range(num_chunks)]
+    per_chunk = len(indices) // num_chunks
+    chunks: list[list[int]] = [[] for _ in range(num_chunks)]
+    chunk_lengths = [0.0] * num_chunks
+    for index in indices:
+        shortest = chunk_lengths.index(min(chunk_lengths))
+        chunks[shortest].append(index)
+        chunk_lengths[shortest] += lengths[index]
+        if len(chunks[shortest]) == per_chunk:
+            chunk_lengths[shortest] = float("inf")
+    return chunks
+
+
+def get_length_grouped_indices(
+    lengths: Sequence[int], batch_size: int, world_size: int, generator: torch.Generator | None = None
+) -> list[int]:
+    """Random permutation where each megabatch (`world_size * batch_size`) is sorted longest first and split evenly."""
+    indices = torch.randperm(len(lengths), generator=generator).tolist()
+    megabatch_size = world_size * batch_size
+    megabatches = [indices[i : i + megabatch_size] for i in range(0, len(lengths), megabatch_size)]
+    megabatches = [sorted(megabatch, key=lambda i: lengths[i], reverse=True) for megabatch in megabatches]
+    chunked = [split_to_even_chunks(megabatch, lengths, world_size) for megabatch in megabatches]
+    return [i for megabatch in chunked for chunk in megabatch for i in chunk]
+
+
+def get_modality_length_grouped_indices(
+    lengths: Sequence[int], batch_size: int, world_size: int, generator: torch.Generator | None = None
+) -> list[int]:
+    """LLaVA's `group_by_modality_length` order: every megabatch is all-image or all-text (except one mixed tail).
+
+    `lengths` are `modality_lengths()` (positive: image, negative: text-only). Unlike LLaVA, the generator is used
+    for every random draw (LLaVA passes None to the inner shuffles), so the order is reproducible from a seed, and a
+    single-modality data set falls back to plain length grouping instead of failing an assertion.
+    """
+    if any(length == 0 for length in lengths):
+        raise ValueError("Modality lengths must be non-zero (the sign carries the modality)")
+    mm = [(i, length) for i, length in enumerate(lengths) if length > 0]
+    lang = [(i, -length) for i, length in enumerate(lengths) if length < 0]
+    if not mm or not lang:
+        return get_length_grouped_indices([abs(length) for length in lengths], batch_size, world_size, generator)
+
+    def grouped(pairs: list[tuple[int, int]]) -> list[int]:
+        order = get_length_grouped_indices([length for _, length in pairs], batch_size, world_size, generator)
+        return [pairs[i][0] for i in order]
+
+    megabatch_size = world_size * batch_size
+    mm_shuffle, lang_shuffle = grouped(mm), grouped(lang)
+    mm_megabatches = [mm_shuffle[i : i + megabatch_size] for i in range(0, len(mm_shuffle), megabatch_size)]
+    lang_megabatches = [lang_shuffle[i : i + megabatch_size] for i in range(0, len(lang_shuffle), megabatch_size)]
+    additional_batch = mm_megabatches[-1] + lang_megabatches[-1]
+    megabatches = mm_megabatches[:-1] + lang_megabatches[:-1]
+    megabatches = [megabatches[i] for i in torch.randperm(len(megabatches), generator=generator).tolist()]
+    if len(additional_batch) >= megabatch_size:
+        megabatches = [additional_batch[:megabatch_size]] + megabatches
+        additional_batch = additional_batch[megabatch_size:]
+    if additional_batch:
+        megabatches.append(additional_batch)
+    return [i for megabatch in megabatches for i in megabatch]
+
+
+class ModalityLengthGroupedSampler(Sampler[int]):
+    """LLaVA's `LengthGroupedSampler(group_by_modality=True)`, seeded and epoch-aware for exact resumption.
+
+    For a HF `Trainer`, return `ModalityLengthGroupedSampler.from_training_args(dataset.modality_lengths(), args)`
+    from `_get_train_sampler`: like LLaVA it uses `batch_size=args.train_batch_size` and `world_size=args.world_size
+    * args.gradient_accumulation_steps` (one megabatch = one optimizer step). The order depends only on `seed` and
+    the epoch (`set_epoch`, which accelerate calls), so a resumed run replays the same order and skips what it saw.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        world_size: int = 1,
+        seed: int = 0,
+        group_by_modality: bool = True,
+    ):
+        if batch_size <= 0 or world_size <= 0:
+            raise ValueError(f"batch_size ({batch_size}) and world_size ({world_size}) must be positive")
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.world_size = world_size
+        self.seed = seed
+        self.group_by_modality = group_by_modality
+        self.epoch = 0
+
+    @classmethod
+    def from_training_args(cls, lengths: Sequence[int], args: Any) -> "ModalityLengthGroupedSampler":
+        """The sampler LLaVA's trainer builds from `TrainingArguments` (`args.data_seed` if set, else `args.seed`)."""
+        seed = args.data_seed if getattr(args, "data_seed", None) is not None else args.seed
+        return cls(
+            lengths,
+            batch_size=args.train_batch_size,
+            world_size=args.world_size * args.gradient_accumulation_steps,
+            seed=seed,
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        if self.group_by_modality:
+            order = get_modality_length_grouped_indices(self.lengths, self.batch_size, self.world_size, generator)
+        else:
+            lengths = [abs(length) for length in self.lengths]
+            order = get_length_grouped_indices(lengths, self.batch_size, self.world_size, generator)
+        return iter(order)

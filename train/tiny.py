@@ -1,0 +1,227 @@
+"""Offline builders for tiny LLaVA pieces: a word-level tokenizer, a processor and a random-weight model config.
+
+Used by the tests, the CPU training run and the demo. Nothing here downloads anything: every object is built from
+code and round-trips through `save_pretrained` / `Auto*.from_pretrained` from a local folder.
+
+The tokenizer mimics what matters of LLaVA-1.5's Llama tokenizer for our pipeline: `<s>` is prepended to every
+sequence (no `</s>` appended), `<image>` is a single special token, `</s>` ends assistant turns and `<pad>` pads.
+"""
+
+from collections.abc import Iterable
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaProcessor, PreTrainedTokenizerFast
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+UNK_TOKEN = "<unk>"
+BOS_TOKEN = "<s>"
+EOS_TOKEN = "</s>"
+PAD_TOKEN = "<pad>"
+IMAGE_TOKEN = "<image>"
+# Order fixes the ids: <unk>=0, <s>=1, </s>=2 as in Llama; <pad>=3, <image>=4.
+SPECIAL_TOKENS = (UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, IMAGE_TOKEN)
+# Words of the prompt format that must stay single tokens whatever the pre-tokenizer does.
+PROMPT_WORDS = ("USER:", "ASSISTANT:", "\n")
+
+# The chat template of llava-hf/llava-1.5-{7,13}b-hf (chat_template.json), reproduced token for token:
+#   USER: <image>\n<question> ASSISTANT: <answer> USER: <question 2> ASSISTANT:
+# It emits no `</s>` after an answer; `train.data` appends the end-of-turn token itself when a template does not.
+LLAVA_HF_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] != 'system' %}"
+    "{{ message['role'].upper() + ': '}}"
+    "{% endif %}"
+    "{# Render all images first #}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}"
+    "{% endfor %}"
+    "{# Render all text next #}"
+    "{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}"
+    "{% endfor %}"
+    "{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}"
+    "{{ content['text'] + ' '}}"
+    "{% endgeneration %}"
+    "{% endfor %}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}"
+    "{{ 'ASSISTANT:' }}"
+    "{% endif %}"
+)
+
+# A small vocabulary for demos and smoke runs (tests pass their own words).
+DEMO_WORDS = (
+    "what", "is", "in", "the", "image", "?", "describe", "it", "a", "an", "red", "green", "blue", "white", "black",
+    "square", "circle", "on", "background", "color", "of", "shape", "there", "yes", "no", "and", "this", "picture",
+    "shows", "how", "many", "one", "two", "three", ".", ",",
+)  # fmt: skip
+
+
+def build_word_tokenizer(words: Iterable[str]) -> PreTrainedTokenizerFast:
+    """Word-level fast tokenizer over `words` plus the special tokens and LLaVA's prompt words.
+
+    Returns a `TokenizersBackend` (transformers 5.x's name for `PreTrainedTokenizerFast`, kept as an alias).
+
+    Ids: `<unk>`=0, `<s>`=1, `</s>`=2, `<pad>`=3, `<image>`=4, then "USER:", "ASSISTANT:", "\\n", then `words`
+    in order (duplicates dropped). Text splits on spaces and tabs; "\\n" is kept as its own token. Encoding
+    prepends `<s>` (like Llama's `add_bos_token`); decoding joins tokens with single spaces.
+    """
+    vocab: dict[str, int] = {}
+    for token in (*SPECIAL_TOKENS, *PROMPT_WORDS, *words):
+        if not isinstance(token, str) or not token:
+            raise ValueError(f"Vocabulary entries must be non-empty strings, got {token!r}")
+        vocab.setdefault(token, len(vocab))
+
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
+    # Split on horizontal whitespace (dropped) and isolate "\n" so the prompt's "<image>\n" stays two tokens.
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"[^\S\n]+"), behavior="removed"),
+            pre_tokenizers.Split("\n", behavior="isolated"),
+        ]
+    )
+    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in SPECIAL_TOKENS])
+    # Added (non-special) tokens are matched before pre-tokenization, so these are single tokens in any context.
+    backend.add_tokens([AddedToken(token, special=False, normalized=False) for token in PROMPT_WORDS])
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{BOS_TOKEN} $A",
+        pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B",
+        special_tokens=[(BOS_TOKEN, vocab[BOS_TOKEN])],
+    )
+    # The WordPiece decoder without cleanup joins tokens with spaces (no "##" pieces exist in this vocabulary).
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        unk_token=UNK_TOKEN,
+        pad_token=PAD_TOKEN,
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        padding_side="right",
+    )
+
+
+def build_image_processor(image_size: int) -> CLIPImageProcessorPil:
+    """PIL (torchvision-free) CLIP image processor: resize the shortest edge to `image_size`, centre-crop a square."""
+    if image_size <= 0:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+    return CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+
+
+def build_processor(
+    tokenizer: PreTrainedTokenizerFast,
+    image_size: int,
+    patch_size: int,
+    chat_template: str = LLAVA_HF_CHAT_TEMPLATE,
+) -> LlavaProcessor:
+    """LLaVA-1.5 style processor: `<image>` expands to `(image_size // patch_size) ** 2` tokens (CLS dropped)."""
+    if image_size % patch_size != 0:
+        raise ValueError(f"image_size ({image_size}) must be a multiple of patch_size ({patch_size})")
+    return LlavaProcessor(
+        image_processor=build_image_processor(image_size),
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        # CLIP adds a CLS token (+1) that the "default" strategy drops again (-1), as in llava-hf checkpoints.
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=chat_template,
+    )
+
+
+def tiny_llava_config(
+    vocab_size: int,
+    image_token_id: int,
+    pad_token_id: int,
+    *,
+    bos_token_id: int | None = 1,
+    eos_token_id: int | None = 2,
+    image_size: int = 32,
+    patch_size: int = 8,
+    vision_hidden: int = 32,
+    vision_layers: int = 2,
+    vision_heads: int = 2,
+    text_hidden: int = 64,
+    text_layers: int = 4,
+    text_heads: int = 4,
+    text_intermediate: int = 128,
+    max_position_embeddings: int = 4096,
+) -> LlavaConfig:
+    """A LLaVA-1.5-shaped config small enough for CPU tests: CLIP vision tower + Llama LM, untied embeddings.
+
+    Same structure as llava-1.5-7b-hf (feature layer -2, "default" strategy, 2-layer GELU projector with bias,
+    MHA without GQA), so each image yields `(image_size // patch_size) ** 2` vision tokens in the LM.
+    `vision_layers` must be >= 2 because features are read from the second-to-last layer.
+    """
+    if vision_layers < 2:
+        raise ValueError(f"vision_layers must be >= 2 (features come from layer -2), got {vision_layers}")
+    if image_size % patch_size != 0:
+        raise ValueError(f"image_size ({image_size}) must be a multiple of patch_size ({patch_size})")
+    if not 0 <= image_token_id < vocab_size or not 0 <= pad_token_id < vocab_size:
+        raise ValueError(
+            f"image_token_id ({image_token_id}) and pad_token_id ({pad_token_id}) must lie in [0, {vocab_size})"
+        )
+    vision_config = CLIPVisionConfig(
+        hidden_size=vision_hidden,
+        intermediate_size=2 * vision_hidden,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=vision_heads,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=vision_hidden,
+    )
+    text_config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=text_hidden,
+        intermediate_size=text_intermediate,
+        num_hidden_layers=text_layers,
+        num_attention_heads=text_heads,
+        num_key_value_heads=text_heads,
+        max_position_embeddings=max_position_embeddings,
+        rms_norm_eps=1e-5,
+        pad_token_id=pad_token_id,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        tie_word_embeddings=False,
+    )
+    return LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=image_token_id,
+        image_seq_length=(image_size // patch_size) ** 2,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        tie_word_embeddings=False,
+        pad_token_id=pad_token_id,
+    )
+
+
+def build_tiny_processor(
+    words: Iterable[str] = DEMO_WORDS, image_size: int = 32, patch_size: int = 8
+) -> LlavaProcessor:
+    """Tokenizer + processor in one call (the demo and smoke runs use this)."""
+    return build_processor(build_word_tokenizer(words), image_size=image_size, patch_size=patch_size)
+
+
+def tiny_llava_config_for(
+    processor: LlavaProcessor, image_size: int = 32, patch_size: int = 8, **kwargs
+) -> LlavaConfig:
+    """`tiny_llava_config` with vocabulary size and special ids read from `processor.tokenizer`."""
+    tokenizer = processor.tokenizer
+    return tiny_llava_config(
+        vocab_size=len(tokenizer),
+        image_token_id=processor.image_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        image_size=image_size,
+        patch_size=patch_size,
+        **kwargs,
+    )

@@ -177,8 +177,8 @@ class AdscLlavaModel(LlavaModel):
         **kwargs,
     ) -> LlavaModelOutputWithPast:
         """Same inputs and outputs as `LlavaModel.forward`; `last_hidden_state` is `(batch, seq, hidden)`."""
-        if "past_key_values" in kwargs:  # the pre-5.x name, still accepted by stock models
-            cache = kwargs.pop("past_key_values")
+        legacy_cache = kwargs.pop("past_key_values", None)  # the pre-5.24 name, still accepted by stock models
+        cache = legacy_cache if legacy_cache is not None else cache
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if pixel_values is not None and mm_encoder_outputs is not None:
@@ -434,5 +434,9 @@ register_checkpoint_conversion_mapping("adsc_llava", get_checkpoint_conversion_m
 register_checkpoint_conversion_mapping(
     "AdscLlavaModel", get_checkpoint_conversion_mapping("LlavaModel"), overwrite=True
 )
+
+# `save_pretrained` copies this file and, through its relative import, `configuration_adsc_llava.py` next to the
+# weights (transformers' `custom_object_save`); the config's `auto_map` (`ADSC_AUTO_MAP`) names both Auto classes.
+AdscLlavaForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 
 __all__ = ["AdscLlavaForConditionalGeneration", "AdscLlavaModel", "uniform_keep_indices", "prune_vision_tokens"]

@@ -20,6 +20,15 @@ from transformers import LlavaConfig
 PAPER_PRUNING_LAYERS = (2, 8, 16, 24)
 PAPER_NUM_LAYERS = 32
 
+# Written into every config.json so that `trust_remote_code=True` finds the classes in the checkpoint's own copies of
+# the two modeling files. AutoModel maps to the generation class too, not to the bare `AdscLlavaModel`: lmms-eval's
+# generic model loader falls back to AutoModel and then calls `generate()`.
+ADSC_AUTO_MAP = {
+    "AutoConfig": "configuration_adsc_llava.AdscLlavaConfig",
+    "AutoModel": "modeling_adsc_llava.AdscLlavaForConditionalGeneration",
+    "AutoModelForImageTextToText": "modeling_adsc_llava.AdscLlavaForConditionalGeneration",
+}
+
 
 def num_kept_tokens(num_tokens: int, drop_ratio: float) -> int:
     """Vision tokens an image keeps at one pruning layer: `floor((1 - r) * n)`."""
@@ -162,6 +171,8 @@ class AdscLlavaConfig(LlavaConfig):
         self.adsc_pruning_layers = list(self.adsc_pruning_layers)
         self.adsc_drop_ratio = float(self.adsc_drop_ratio)
         super().__post_init__(**kwargs)
+        # Entries already present (e.g. `repo--module.Class` refs of a config loaded from the hub) win.
+        self.auto_map = {**ADSC_AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
         # Checked here rather than in a `@strict` validator so that users get the plain `ValueError` they catch.
         validate_schedule(self.text_config.num_hidden_layers, self.adsc_pruning_layers, self.adsc_drop_ratio)
 
@@ -210,5 +221,8 @@ class AdscLlavaConfig(LlavaConfig):
         config_dict.update(adsc_pruning_layers=pruning_layers, adsc_drop_ratio=drop_ratio or 0.0)
         return cls(**config_dict)
 
+
+# `save_pretrained` copies this file next to config.json (transformers' `custom_object_save`) for remote code.
+AdscLlavaConfig.register_for_auto_class("AutoConfig")
 
 __all__ = ["AdscLlavaConfig"]

@@ -5,6 +5,10 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 from adsc_llava import AdscLlavaConfig, AdscLlavaForConditionalGeneration
 
+# The test models are tiny: a second thread costs more in synchronisation than it saves, and on a shared 2-core
+# machine it makes every step wait for a preempted thread (measured 10-100x slower).
+torch.set_num_threads(1)
+
 VOCAB_SIZE = 64
 BOS_ID, EOS_ID = 1, 2
 IMAGE_TOKEN_ID = 60

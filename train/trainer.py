@@ -7,6 +7,7 @@ model card). Distributed training (accelerate, DeepSpeed, FSDP) is the Trainer's
 """
 
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoConfig, AutoProcessor, Trainer
+from transformers.dynamic_module_utils import custom_object_save
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 from adsc_llava import AdscLlavaConfig, AdscLlavaForConditionalGeneration
@@ -125,7 +127,10 @@ class AdscTrainer(Trainer):
             self.args.output_dir = run_dir
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            os.replace(os.path.join(staging_dir, name), os.path.join(run_dir, name))
+            checkpoint_dir = os.path.join(run_dir, name)
+            if os.path.isdir(checkpoint_dir):  # left by an earlier run; a rename cannot replace a non-empty folder
+                os.replace(checkpoint_dir, os.path.join(staging_dir, f"replaced-{name}"))
+            os.replace(os.path.join(staging_dir, name), checkpoint_dir)
             shutil.rmtree(staging_dir, ignore_errors=True)
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit, use_mtime=False)
         self.accelerator.wait_for_everyone()
@@ -199,8 +204,10 @@ def planned_steps(config: AdscTrainConfig, training_args, num_samples: int) -> i
     if training_args.max_steps > 0:
         return training_args.max_steps
     batch = training_args.per_device_train_batch_size * max(training_args.world_size, 1)
-    steps_per_epoch = max(-(-num_samples // batch) // training_args.gradient_accumulation_steps, 1)
-    return max(round(steps_per_epoch * training_args.num_train_epochs), 1)
+    batches_per_epoch = -(-num_samples // batch)
+    # Rounded up like `Trainer.set_initial_training_values`: a last partial accumulation or epoch is still a step.
+    steps_per_epoch = max(-(-batches_per_epoch // training_args.gradient_accumulation_steps), 1)
+    return max(math.ceil(steps_per_epoch * training_args.num_train_epochs), 1)
 
 
 def summarize_start(config: AdscTrainConfig, trainer: AdscTrainer, adsc_model, phases) -> str:
@@ -247,6 +254,7 @@ def save_final_model(config: AdscTrainConfig, trainer: AdscTrainer, adsc_model, 
     model.save_pretrained(final_dir)
     if isinstance(model, PeftModel):  # the adapter needs the ADSC config and code next to it
         adsc_model.config.save_pretrained(final_dir)
+        custom_object_save(adsc_model, final_dir)  # both .py files: config.json's auto_map names the modeling one
     trainer.processing_class.save_pretrained(final_dir)
     write_model_card(
         final_dir,

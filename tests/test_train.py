@@ -1,0 +1,635 @@
+"""End-to-end tests of `python -m train` on a tiny random LLaVA and a tiny drawn data set (CPU).
+
+One module-scoped run (6 steps, reverse curriculum, a checkpoint every 3 steps) is shared by most tests: it goes
+through `run_training` with `build_trainer` / `save_final_model` wrapped so that the test sees the trainer, the
+parameters before and after training, the sequence length every decoder layer receives in each training step, and
+what the in-memory PEFT model generates before it is merged. The other runs (resume, interrupted save, CLI with a
+mocked hub, adapter) are a few steps each.
+"""
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from huggingface_hub import HfApi, ModelCard
+from peft import PeftModel
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file
+from transformers import LlavaForConditionalGeneration, Trainer
+from transformers.trainer_utils import get_last_checkpoint
+
+import train.trainer as trainer_module
+from adsc_llava import AdscLlavaConfig, AdscLlavaForConditionalGeneration
+from adsc_llava.configuration_adsc_llava import vision_tokens_per_layer
+from train.__main__ import main
+from train.args import AdscTrainConfig
+from train.cost import format_schedule
+from train.curriculum import phase_at
+from train.tiny import PROMPT_WORDS, SPECIAL_TOKENS, build_tiny_processor, tiny_llava_config_for
+from train.trainer import run_training
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_FILES = ("configuration_adsc_llava.py", "modeling_adsc_llava.py")
+IMAGE_SIZE, PATCH_SIZE = 32, 8
+NUM_VISION_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 16 per image
+BUDGET = 8.0  # of 16: reverse phases at 6.4, 7.2 and 8 tokens per layer on average
+MAX_STEPS, SAVE_STEPS = 6, 3  # phases cover steps [0, 2), [2, 4), [4, 6); checkpoint-3 is in the middle of phase 2
+LORA_R = 8
+LEARNING_RATE, PROJECTOR_LEARNING_RATE = 1e-2, 3e-3
+NEW_TOKENS = 5
+CHILD_TIMEOUT_S = 180
+WORDS = ("what", "color", "shape", "is", "the", "it", "in", "image", "?", "a", "red", "blue", "green", "square",
+         "circle", "and")  # fmt: skip
+PROMPT = "USER: <image>\nwhat color is the shape ? ASSISTANT:"
+
+# Every record has exactly one image, so a batch loses exactly the dropped tokens of one image per row: the decoder
+# layers' sequence lengths then tell how many vision tokens each layer saw, whatever the text padding.
+DRAWINGS = {
+    "red_square.png": ("red", "rectangle"),
+    "blue_circle.png": ("blue", "ellipse"),
+    "green_square.png": ("green", "rectangle"),
+    "red_circle.png": ("red", "ellipse"),
+}
+RECORDS = [
+    {
+        "id": "single",
+        "image": "images/red_square.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\nwhat color is the shape ?"},
+            {"from": "gpt", "value": "red"},
+        ],
+    },
+    {
+        "id": "question_first",
+        "image": "images/blue_circle.png",
+        "conversations": [
+            {"from": "human", "value": "what shape is it ?\n<image>"},
+            {"from": "gpt", "value": "circle"},
+        ],
+    },
+    {
+        "id": "multi_turn",
+        "image": "images/green_square.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\nwhat color is the shape ?"},
+            {"from": "gpt", "value": "green"},
+            {"from": "human", "value": "and the shape ?"},
+            {"from": "gpt", "value": "square"},
+        ],
+    },
+    {
+        "id": "long_answer",
+        "image": "images/red_circle.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\nwhat is in the image ?"},
+            {"from": "gpt", "value": "a red circle"},
+        ],
+    },
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """One intra-op thread: this model is too small to gain from more, and on a busy 2-core machine two threads that
+    wait for each other made steps ~10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def draw(color: str, kind: str) -> Image.Image:
+    image = Image.new("RGB", (40, 36), "white")
+    getattr(ImageDraw.Draw(image), kind)((6, 5, 30, 29), fill=color)
+    return image
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> SimpleNamespace:
+    """A tiny random stock LLaVA checkpoint (+ processor) and a 4-record JSON data set with drawn images."""
+    root = tmp_path_factory.mktemp("train")
+    processor = build_tiny_processor(WORDS, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE)
+    torch.manual_seed(0)
+    base = root / "base"
+    LlavaForConditionalGeneration(tiny_llava_config_for(processor, IMAGE_SIZE, PATCH_SIZE)).save_pretrained(base)
+    processor.save_pretrained(base)
+    (root / "data" / "images").mkdir(parents=True)
+    for name, (color, kind) in DRAWINGS.items():
+        draw(color, kind).save(root / "data" / "images" / name)
+    data = root / "data" / "train.json"
+    data.write_text(json.dumps(RECORDS))
+    return SimpleNamespace(root=root, base=base, data=data, processor=processor)
+
+
+def train_config(workspace, output_dir: Path, **overrides) -> AdscTrainConfig:
+    """The tiny run: batch 4 = the whole data set, so every step trains on the same batch."""
+    options = dict(
+        model=str(workspace.base),
+        data=str(workspace.data),
+        output_dir=str(output_dir),
+        budget=BUDGET,
+        max_steps=MAX_STEPS,
+        per_device_train_batch_size=4,
+        lora_r=LORA_R,
+        lora_alpha=2 * LORA_R,
+        learning_rate=LEARNING_RATE,
+        projector_learning_rate=PROJECTOR_LEARNING_RATE,
+        save_steps=SAVE_STEPS,
+        logging_steps=1,
+        disable_tqdm=True,
+    )
+    return AdscTrainConfig(**{**options, **overrides})
+
+
+class RunRecorder:
+    """Wraps `build_trainer` / `save_final_model` of `train.trainer` to observe a `run_training` call.
+
+    `lengths[step][layer]` is the set of sequence lengths decoder layer `layer` received during optimizer step
+    `step` (0-based; one value expected, seen in the forward and again in the checkpointed recomputation).
+    """
+
+    def __init__(self, generate_inputs: dict | None = None, generate_kwargs: dict | None = None):
+        self.lengths: dict[int, dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))
+        self.generate_inputs = generate_inputs
+        self.generate_kwargs = generate_kwargs
+        self.trainer = None
+
+    def install(self, monkeypatch) -> None:
+        build_trainer, save_final_model = trainer_module.build_trainer, trainer_module.save_final_model
+
+        def recording_build_trainer(config):
+            trainer, adsc_model, phases = build_trainer(config)
+            self.trainer, self.adsc_model, self.phases = trainer, adsc_model, phases
+            self.before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+            self.trainable = {name for name, p in trainer.model.named_parameters() if p.requires_grad}
+            for index, layer in enumerate(adsc_model.model.language_model.layers):
+                layer.register_forward_pre_hook(self._length_hook(index), with_kwargs=True)
+            return trainer, adsc_model, phases
+
+        def recording_save_final_model(config, trainer, adsc_model, phases, final_dir):
+            self.after = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+            parameter_names = {id(p): name for name, p in trainer.model.named_parameters()}
+            groups = trainer.optimizer.param_groups
+            self.initial_lr = {
+                parameter_names[id(p)]: group["initial_lr"] for group in groups for p in group["params"]
+            }
+            self.lr_ratios = {group["lr"] / group["initial_lr"] for group in groups}
+            self.drop_ratio_at_end = adsc_model.config.adsc_drop_ratio
+            if self.generate_inputs is not None:
+                self._generate_unmerged(trainer.model)
+            return save_final_model(config, trainer, adsc_model, phases, final_dir)
+
+        monkeypatch.setattr(trainer_module, "build_trainer", recording_build_trainer)
+        monkeypatch.setattr(trainer_module, "save_final_model", recording_save_final_model)
+
+    def _length_hook(self, layer_index: int):
+        def hook(module, args, kwargs):
+            if module.training:
+                hidden_states = args[0] if args else kwargs["hidden_states"]
+                self.lengths[self.trainer.state.global_step][layer_index].add(hidden_states.shape[1])
+
+        return hook
+
+    @torch.no_grad()
+    def _generate_unmerged(self, model) -> None:
+        model.eval()
+        self.peft_logits = model(**self.generate_inputs).logits
+        self.peft_tokens = model.generate(**self.generate_inputs, **self.generate_kwargs)
+        model.train()
+
+    def vision_tokens_seen(self, step: int) -> list[int]:
+        """Vision tokens per image each decoder layer saw in `step`: layer 0 sees all of them."""
+        per_layer = self.lengths[step]
+        assert all(len(lengths) == 1 for lengths in per_layer.values()), f"step {step}: {dict(per_layer)}"
+        full = next(iter(per_layer[0]))
+        return [NUM_VISION_TOKENS - (full - next(iter(per_layer[layer]))) for layer in sorted(per_layer)]
+
+    @property
+    def losses(self) -> list[float]:
+        return [entry["loss"] for entry in self.trainer.state.log_history if "loss" in entry]
+
+
+def suppressed_token_ids(tokenizer) -> list[int]:
+    """Special tokens and prompt words: suppressed, a random model cannot emit an `<image>` placeholder."""
+    return tokenizer.convert_tokens_to_ids([*SPECIAL_TOKENS, *PROMPT_WORDS])
+
+
+@pytest.fixture(scope="module")
+def run(workspace) -> SimpleNamespace:
+    """The shared 6-step run, through `run_training`."""
+    image = draw("blue", "rectangle")
+    image.save(workspace.root / "query.png")
+    inputs = dict(workspace.processor(images=image, text=PROMPT, return_tensors="pt"))
+    generate_kwargs = dict(
+        max_new_tokens=NEW_TOKENS,
+        min_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        suppress_tokens=suppressed_token_ids(workspace.processor.tokenizer),
+    )
+    recorder = RunRecorder(inputs, generate_kwargs)
+    config = train_config(workspace, workspace.root / "out")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        recorder.install(monkeypatch)
+        final_dir = run_training(config)
+    return SimpleNamespace(
+        recorder=recorder, config=config, final_dir=final_dir, inputs=inputs, generate_kwargs=generate_kwargs
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Training: loss, what changes, learning rates
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_loss_is_finite_and_decreases_on_a_repeated_batch(run):
+    losses = run.recorder.losses
+    assert len(losses) == MAX_STEPS
+    assert all(math.isfinite(loss) for loss in losses)
+    # The first step trains at lr 0 (warm-up), so losses[0] is the untrained model's loss on this batch.
+    assert losses[-1] < 0.85 * losses[0], losses
+    assert losses[1:] == sorted(losses[1:], reverse=True), losses
+
+
+def test_only_lora_and_the_projector_copy_change(run):
+    recorder = run.recorder
+    before, after = recorder.before, recorder.after
+    assert before.keys() == after.keys()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    lora = {name for name in before if ".lora_A." in name or ".lora_B." in name}
+    projector_copy = {name for name in before if "multi_modal_projector.modules_to_save." in name}
+
+    assert lora and projector_copy
+    assert recorder.trainable == lora | projector_copy
+    assert changed == lora | projector_copy  # every trainable tensor moved, nothing else did
+    # LoRA sits on all 7 linear layers of each of the 4 language-model layers, and nowhere else.
+    lora_modules = {name.split(".lora_")[0] for name in lora}
+    assert len(lora_modules) == 4 * 7
+    assert all(".language_model.layers." in name for name in lora_modules)
+    vision = [name for name in before if ".vision_tower." in name]
+    assert vision and not any("lora_" in name for name in vision)
+    assert all(torch.equal(before[name], after[name]) for name in vision)
+    original_projector = [name for name in before if "multi_modal_projector.original_module." in name]
+    assert original_projector and all(torch.equal(before[name], after[name]) for name in original_projector)
+
+
+def test_projector_has_its_own_learning_rate(run):
+    recorder = run.recorder
+    assert set(recorder.initial_lr) == recorder.trainable
+    for name in recorder.trainable:
+        expected = PROJECTOR_LEARNING_RATE if "multi_modal_projector" in name else LEARNING_RATE
+        assert recorder.initial_lr[name] == expected, name
+    # All groups follow the same schedule: at the end their ratio is still the configured one.
+    assert max(recorder.lr_ratios) - min(recorder.lr_ratios) < 1e-9
+
+
+def test_frozen_weights_in_the_merged_output_are_the_base_checkpoints(run, workspace):
+    base = load_file(workspace.base / "model.safetensors")
+    final = load_file(run.final_dir / "model.safetensors")
+    assert base.keys() == final.keys()
+    lora_targets = re.compile(r"\.layers\.\d+\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj\.weight$")
+    for name, tensor in base.items():
+        if ("language_model" in name and lora_targets.search(name)) or "multi_modal_projector" in name:
+            assert not torch.equal(tensor, final[name]), f"{name} did not get the training"
+        else:
+            assert torch.equal(tensor, final[name]), f"{name} changed"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Curriculum as seen in forward
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_budget_seen_in_forward_follows_the_reverse_curriculum(run):
+    recorder = run.recorder
+    phases = recorder.phases
+    assert [phase.factor for phase in phases] == [0.8, 0.9, 1.0]
+    assert [(phase.first_step, phase.end_step) for phase in phases] == [(0, 2), (2, 4), (4, 6)]
+    assert sorted(recorder.lengths) == list(range(MAX_STEPS))
+    config = recorder.adsc_model.config
+    num_layers = config.text_config.num_hidden_layers
+    seen = {step: recorder.vision_tokens_seen(step) for step in range(MAX_STEPS)}
+    for step, tokens in seen.items():
+        phase = phase_at(phases, step)
+        expected = vision_tokens_per_layer(num_layers, config.adsc_pruning_layers, phase.drop_ratio, NUM_VISION_TOKENS)
+        assert tokens == expected, f"step {step} (phase {phase.factor}x)"
+        # The largest schedule not above the phase budget.
+        assert sum(tokens) / num_layers <= phase.factor * BUDGET
+    averages = [sum(seen[phase.first_step]) / num_layers for phase in phases]
+    assert averages[0] < averages[1] < averages[2] == BUDGET
+    # The phase changes exactly at the boundaries.
+    assert seen[0] == seen[1] != seen[2] == seen[3] != seen[4] == seen[5]
+
+
+def test_final_checkpoint_has_the_target_schedule(run):
+    final_phase = run.recorder.phases[-1]
+    assert run.recorder.drop_ratio_at_end == final_phase.drop_ratio
+    config = AdscLlavaConfig.from_pretrained(run.final_dir)
+    assert config.adsc_drop_ratio == final_phase.drop_ratio
+    assert config.average_vision_tokens() == BUDGET
+    assert config.adsc_pruning_layers == run.recorder.adsc_model.config.adsc_pruning_layers
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Resume and atomic saves
+# --------------------------------------------------------------------------------------------------------------
+
+
+def per_step_log(log_history: list[dict]) -> list[dict]:
+    """The per-step entries (loss, grad_norm, learning_rate, epoch, step); not the end-of-run timings."""
+    return [entry for entry in log_history if "loss" in entry]
+
+
+def test_resume_from_a_mid_phase_checkpoint_continues_identically(run, workspace, tmp_path):
+    output_dir = tmp_path / "out"
+    shutil.copytree(workspace.root / "out" / f"checkpoint-{SAVE_STEPS}", output_dir / f"checkpoint-{SAVE_STEPS}")
+    recorder = RunRecorder()
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        recorder.install(monkeypatch)
+        final_dir = run_training(train_config(workspace, output_dir, resume=True))
+
+    assert recorder.trainer.state.global_step == MAX_STEPS
+    # Only the steps after the checkpoint ran, each in its phase (step 3: 0.9x; steps 4-5: 1.0x).
+    assert sorted(recorder.lengths) == list(range(SAVE_STEPS, MAX_STEPS))
+    for step in range(SAVE_STEPS, MAX_STEPS):
+        assert recorder.vision_tokens_seen(step) == run.recorder.vision_tokens_seen(step)
+    resumed_log = per_step_log(recorder.trainer.state.log_history)
+    uninterrupted_log = per_step_log(run.recorder.trainer.state.log_history)
+    assert [entry["step"] for entry in resumed_log] == list(range(1, MAX_STEPS + 1))
+    assert resumed_log == uninterrupted_log
+    # The trained weights too, not only the (rounded) logged losses.
+    resumed, uninterrupted = load_file(final_dir / "model.safetensors"), load_file(run.final_dir / "model.safetensors")
+    for name, tensor in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+class InterruptedSave(RuntimeError):
+    pass
+
+
+def test_an_interrupted_save_never_becomes_the_last_checkpoint(workspace, tmp_path, monkeypatch):
+    output_dir = tmp_path / "out"
+    save_rng_state = Trainer._save_rng_state
+
+    def crash_at_step_2(self, checkpoint_dir):
+        save_rng_state(self, checkpoint_dir)
+        if self.state.global_step == 2:  # the model and optimizer of checkpoint-2 are written by now
+            assert any(Path(checkpoint_dir).glob("*.safetensors"))
+            raise InterruptedSave("killed while saving")
+
+    config = train_config(workspace, output_dir, max_steps=2, save_steps=1, curriculum="direct")
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "_save_rng_state", crash_at_step_2)
+        with pytest.raises(InterruptedSave):
+            run_training(config)
+
+    checkpoints = sorted(path.name for path in output_dir.iterdir() if path.name.startswith("checkpoint-"))
+    assert checkpoints == ["checkpoint-1"]
+    assert get_last_checkpoint(str(output_dir)) == str(output_dir / "checkpoint-1")
+    assert (output_dir / "checkpoint-1" / "trainer_state.json").is_file()
+
+    recorder = RunRecorder()
+    with monkeypatch.context() as patch:
+        recorder.install(patch)
+        final_dir = run_training(train_config(workspace, output_dir, max_steps=2, save_steps=1, resume=True))
+    assert sorted(recorder.lengths) == [1]  # resumed after step 1
+    assert recorder.trainer.state.global_step == 2
+    assert (final_dir / "model.safetensors").is_file()
+    assert get_last_checkpoint(str(output_dir)) == str(output_dir / "checkpoint-2")
+
+
+def test_a_new_run_into_a_used_output_dir_replaces_its_checkpoints(workspace, tmp_path):
+    output_dir = tmp_path / "out"
+    stale = output_dir / "checkpoint-1"
+    stale.mkdir(parents=True)
+    (stale / "stale.txt").write_text("from an earlier run")
+    run_training(train_config(workspace, output_dir, max_steps=1, save_steps=1, curriculum="direct"))
+    assert not (stale / "stale.txt").exists()
+    assert (stale / "trainer_state.json").is_file()
+    assert not (output_dir / "staging").exists()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Final output: fresh process without the project, model card
+# --------------------------------------------------------------------------------------------------------------
+
+# Runs in a child interpreter (`python -I`) whose import system cannot see this project: the editable install's
+# finder is removed and every sys.path entry inside the project is dropped, so only the checkpoint's code can run.
+CHILD_SCRIPT = r"""
+import json
+import sys
+from pathlib import Path
+
+workdir = Path(sys.argv[1])
+request = json.loads((workdir / "request.json").read_text())
+project_root = request["project_root"]
+sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+# The virtual environment may live inside the project (.venv): keep it, drop the project's own source folders.
+environment = str(Path(sys.prefix).resolve())
+
+
+def in_project(path):
+    path = str(Path(path or ".").resolve())
+    return path.startswith(project_root) and not path.startswith(environment)
+
+
+sys.path[:] = [entry for entry in sys.path if not in_project(entry)]
+report = {}
+try:
+    import adsc_llava  # noqa: F401
+    report["adsc_llava_importable"] = True
+except ImportError:
+    report["adsc_llava_importable"] = False
+
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+torch.set_num_threads(1)
+
+final_dir = request["final_dir"]
+processor = AutoProcessor.from_pretrained(final_dir)
+inputs = dict(processor(images=Image.open(request["image"]), text=request["prompt"], return_tensors="pt"))
+model = AutoModelForImageTextToText.from_pretrained(final_dir, trust_remote_code=True).eval()
+with torch.no_grad():
+    logits = model(**inputs).logits
+    tokens = model.generate(**inputs, **request["generate_kwargs"])
+torch.save({"input_ids": inputs["input_ids"], "logits": logits, "tokens": tokens}, workdir / "outputs.pt")
+report["model_class"] = type(model).__name__
+report["model_module"] = type(model).__module__
+report["drop_ratio"] = model.config.adsc_drop_ratio
+report["project_modules_loaded"] = sorted(
+    name for name, module in sys.modules.items() if getattr(module, "__file__", None) and in_project(module.__file__)
+)
+(workdir / "report.json").write_text(json.dumps(report))
+"""
+
+
+@pytest.fixture(scope="module")
+def fresh_process(run, workspace, tmp_path_factory) -> SimpleNamespace:
+    workdir = tmp_path_factory.mktemp("fresh_process")
+    request = dict(
+        project_root=str(PROJECT_ROOT),
+        final_dir=str(run.final_dir),
+        image=str(workspace.root / "query.png"),
+        prompt=PROMPT,
+        generate_kwargs=run.generate_kwargs,
+    )
+    (workdir / "request.json").write_text(json.dumps(request))
+    (workdir / "child.py").write_text(CHILD_SCRIPT)
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("PYTHON", "HF_", "TRANSFORMERS_"))}
+    env.update(HF_HOME=str(workdir / "hf_home"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    completed = subprocess.run(
+        [sys.executable, "-I", str(workdir / "child.py"), str(workdir)],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=CHILD_TIMEOUT_S,
+    )
+    if completed.returncode != 0:
+        pytest.fail(f"The fresh process failed (exit {completed.returncode}):\n{completed.stderr[-4000:]}")
+    report = json.loads((workdir / "report.json").read_text())
+    return SimpleNamespace(report=report, outputs=torch.load(workdir / "outputs.pt"))
+
+
+def test_merged_output_loads_without_the_project_and_generates_like_the_peft_model(run, fresh_process):
+    report, outputs = fresh_process.report, fresh_process.outputs
+    assert report["adsc_llava_importable"] is False
+    assert report["project_modules_loaded"] == []
+    assert report["model_class"] == "AdscLlavaForConditionalGeneration"
+    assert report["model_module"].startswith("transformers_modules.")
+    assert report["drop_ratio"] == run.recorder.phases[-1].drop_ratio
+    # The saved processor rebuilds the same prompt.
+    assert torch.equal(outputs["input_ids"], run.inputs["input_ids"])
+    torch.testing.assert_close(outputs["logits"], run.recorder.peft_logits, rtol=1e-4, atol=1e-4)
+    assert outputs["tokens"].shape[1] == run.inputs["input_ids"].shape[1] + NEW_TOKENS
+    assert torch.equal(outputs["tokens"], run.recorder.peft_tokens)
+
+
+def test_final_folder_is_a_remote_code_checkpoint(run):
+    files = {path.name for path in run.final_dir.iterdir()}
+    assert {"config.json", "model.safetensors", "README.md", "tokenizer.json", *SHIPPED_FILES} <= files
+    assert "adapter_config.json" not in files
+    # The shipped code itself is exercised by the fresh-process test; here: the right two modules.
+    assert "class AdscLlavaConfig(" in (run.final_dir / "configuration_adsc_llava.py").read_text()
+    assert "class AdscLlavaForConditionalGeneration(" in (run.final_dir / "modeling_adsc_llava.py").read_text()
+    config = json.loads((run.final_dir / "config.json").read_text())
+    assert config["model_type"] == "adsc_llava"
+    assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_adsc_llava.AdscLlavaForConditionalGeneration"
+    assert config["auto_map"]["AutoConfig"] == "configuration_adsc_llava.AdscLlavaConfig"
+
+
+def test_model_card_has_front_matter_and_the_schedule(run):
+    card = ModelCard.load(run.final_dir / "README.md")
+    metadata = card.data.to_dict()
+    assert metadata["license"]
+    assert metadata["library_name"] == "transformers"
+    assert metadata["pipeline_tag"] == "image-text-to-text"
+    assert metadata["base_model"] == run.config.model
+    assert "adsc" in metadata["tags"] and "custom_code" in metadata["tags"]
+    config = AdscLlavaConfig.from_pretrained(run.final_dir)
+    text = card.text
+    assert str(config.adsc_pruning_layers) in text
+    assert f"{config.adsc_drop_ratio:.4f}" in text
+    assert format_schedule(config.vision_tokens_per_layer()) in text
+    assert f"{config.average_vision_tokens():.1f}" in text
+    assert f"optimizer steps: {MAX_STEPS}" in text
+    assert "reverse" in text
+    assert "trust_remote_code=True" in text
+    assert "$" not in text  # every template field was filled
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CLI, hub, adapter
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_help_runs_and_lists_dashed_options():
+    completed = subprocess.run(
+        [sys.executable, "-m", "train", "--help"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert completed.returncode == 0, completed.stderr
+    for option in ("--output-dir", "--output_dir", "--budget", "--curriculum", "--push-to-hub", "--save-adapter"):
+        assert option in completed.stdout
+
+
+def test_dashes_and_underscores_parse_the_same(workspace, monkeypatch):
+    seen = []
+    monkeypatch.setattr("train.__main__.run_training", seen.append)
+    common = ["--model", "m", "--data", "d.json", "--budget", "192"]
+    main([*common, "--output-dir", "out", "--lora-r", "16", "--projector-learning-rate", "1e-5", "--save-adapter"])
+    main([*common, "--output_dir", "out", "--lora_r", "16", "--projector_learning_rate", "1e-5", "--save_adapter"])
+    assert len(seen) == 2 and seen[0] == seen[1]
+    assert (seen[0].output_dir, seen[0].lora_r, seen[0].projector_learning_rate) == ("out", 16, 1e-5)
+    assert seen[0].save_adapter is True
+
+
+def test_push_to_hub_needs_a_repository_id(workspace):
+    with pytest.raises(ValueError, match="--hub-model-id"):
+        main(["--model", str(workspace.base), "--data", str(workspace.data), "--output-dir", "x", "--push-to-hub"])
+
+
+def test_cli_run_prints_the_plan_and_pushes_the_final_folder(run, workspace, tmp_path, monkeypatch, capsys):
+    uploads = []
+
+    def create_repo(self, repo_id, **kwargs):
+        uploads.append(("create_repo", repo_id))
+        return SimpleNamespace(repo_id=repo_id)
+
+    def upload_folder(self, *, folder_path, repo_id, **kwargs):
+        files = sorted(str(path.relative_to(folder_path)) for path in Path(folder_path).rglob("*") if path.is_file())
+        uploads.append(("upload", repo_id, Path(folder_path), files))
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        uploads.append(("upload", repo_id, None, sorted(operation.path_in_repo for operation in operations)))
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    output_dir = tmp_path / "out"
+    # fmt: off
+    main([
+        "--model", str(workspace.base), "--data", str(workspace.data), "--output-dir", str(output_dir),
+        "--budget", str(BUDGET), "--max-steps", "3", "--per-device-train-batch-size", "4", "--lora-r", str(LORA_R),
+        "--lora-alpha", str(2 * LORA_R), "--save-steps", "100", "--disable-tqdm", "--push-to-hub",
+        "--hub-model-id", "me/tiny-adsc",
+    ])
+    # fmt: on
+    printed = capsys.readouterr().out
+    trainable = sum(run.recorder.before[name].numel() for name in run.recorder.trainable)
+    assert f"trainable parameters: {trainable:,} of" in printed
+    for number, factor in enumerate((0.8, 0.9, 1.0), start=1):
+        assert re.search(rf"phase {number}: steps {number - 1}-{number - 1}\s+{factor:g}x -> budget", printed)
+    assert str(output_dir / "final") in printed and "trust_remote_code=True" in printed
+
+    assert uploads[0] == ("create_repo", "me/tiny-adsc")
+    (_, repo_id, folder, files) = uploads[-1]
+    assert repo_id == "me/tiny-adsc" and folder in (None, output_dir / "final")
+    assert {"config.json", "model.safetensors", "README.md", "tokenizer.json", *SHIPPED_FILES} <= set(files)
+
+
+def test_save_adapter_keeps_the_adapter(workspace, tmp_path):
+    output_dir = tmp_path / "out"
+    final_dir = run_training(
+        train_config(workspace, output_dir, max_steps=1, save_steps=100, curriculum="direct", save_adapter=True)
+    )
+    files = {path.name for path in final_dir.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "config.json", "README.md", *SHIPPED_FILES} <= files
+    assert "model.safetensors" not in files
+    adapter = load_file(final_dir / "adapter_model.safetensors")
+    assert any("lora_A" in name for name in adapter) and any("multi_modal_projector" in name for name in adapter)
+    config = AdscLlavaConfig.from_pretrained(final_dir)
+    assert config.average_vision_tokens() == BUDGET
+    # The adapter applies to the base checkpoint loaded as ADSC-LLaVA with the saved schedule.
+    base = AdscLlavaForConditionalGeneration.from_pretrained(workspace.base, config=config)
+    model = PeftModel.from_pretrained(base, final_dir)
+    assert sum("lora_A" in name for name, _ in model.named_parameters()) == 4 * 7

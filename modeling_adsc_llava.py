@@ -128,8 +128,12 @@ def prune_vision_tokens(stream: TokenStream, keep_pattern: torch.BoolTensor) -> 
     token_valid = torch.arange(order.shape[1], device=order.device) < num_kept[:, None]
     new_offset_of = keep_pattern.long().cumsum(0) - 1  # rank of each surviving token among the survivors
     image_offsets = torch.where(is_vision, new_offset_of[stream.image_offsets.clamp(min=0)], -1)
+    batch_size, stage_length, hidden_size = stream.hidden_states.shape
+    flat_order = (order + torch.arange(batch_size, device=order.device)[:, None] * stage_length).flatten()
     return TokenStream(
-        hidden_states=stream.hidden_states.gather(1, order[..., None].expand(-1, -1, stream.hidden_states.shape[-1])),
+        hidden_states=stream.hidden_states.reshape(-1, hidden_size)
+        .index_select(0, flat_order)
+        .view(batch_size, -1, hidden_size),
         position_ids=stream.position_ids.gather(1, order),
         source_index=stream.source_index.gather(1, order),
         token_valid=token_valid,
@@ -141,15 +145,23 @@ def prune_vision_tokens(stream: TokenStream, keep_pattern: torch.BoolTensor) -> 
 def scatter_to_input_positions(
     outputs: torch.Tensor | None, stream: TokenStream, sequence_length: int
 ) -> torch.Tensor:
-    """Write the stream's valid hidden states at their input positions of `outputs` `(batch, seq, dim)`."""
+    """Write the stream's valid hidden states at their input positions.
+
+    Args:
+        outputs: `(batch * (seq + 1), dim)` buffer from an earlier call, or None to start one. Each sample has one
+            extra trash row, where filler slots are written.
+        stream: the tokens whose current hidden states are written.
+        sequence_length: `seq`, the forward's input length.
+
+    Returns:
+        The buffer, written in place; `outputs.view(batch, seq + 1, dim)[:, :seq]` are the hidden states.
+    """
     batch_size, _, hidden_size = stream.hidden_states.shape
     if outputs is None:
-        outputs = stream.hidden_states.new_zeros(batch_size, sequence_length, hidden_size)
-    # Filler slots are sent to an extra trash column, dropped right after.
-    index = torch.where(stream.token_valid, stream.source_index, sequence_length)
-    padded = nn.functional.pad(outputs, (0, 0, 0, 1))
-    padded = padded.scatter(1, index[..., None].expand(-1, -1, hidden_size), stream.hidden_states)
-    return padded[:, :sequence_length]
+        outputs = stream.hidden_states.new_zeros(batch_size * (sequence_length + 1), hidden_size)
+    row_offsets = torch.arange(batch_size, device=stream.source_index.device)[:, None] * (sequence_length + 1)
+    index = torch.where(stream.token_valid, stream.source_index, sequence_length) + row_offsets
+    return outputs.index_copy_(0, index.flatten(), stream.hidden_states.reshape(-1, hidden_size))
 
 
 class AdscLlavaModel(LlavaModel):
@@ -191,7 +203,6 @@ class AdscLlavaModel(LlavaModel):
 
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        image_token_mask = self.image_token_mask(input_ids, inputs_embeds)
 
         mm_encoder_outputs = dict(mm_encoder_outputs) if mm_encoder_outputs is not None else {}
         if mm_encoder_outputs.get("image") is None and pixel_values is not None:
@@ -203,8 +214,12 @@ class AdscLlavaModel(LlavaModel):
                 return_dict=True,
                 **kwargs,
             )
+        # Without images in this forward (decode steps, text-only prompts) there is nothing to prune: an image token
+        # id is then just a token, as in stock LLaVA.
+        image_offsets = torch.full(inputs_embeds.shape[:2], -1, dtype=torch.long, device=inputs_embeds.device)
         tokens_per_image = self.config.image_seq_length
         if mm_encoder_outputs.get("image") is not None:
+            image_token_mask = self.image_token_mask(input_ids, inputs_embeds)
             image_features = mm_encoder_outputs["image"].pooler_output
             tokens_per_image = image_features[0].shape[0]
             image_features = torch.cat(list(image_features), dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
@@ -215,8 +230,8 @@ class AdscLlavaModel(LlavaModel):
                     f"({len(mm_encoder_outputs['image'].pooler_output)} images x {tokens_per_image})."
                 )
             inputs_embeds = inputs_embeds.masked_scatter(image_token_mask[..., None], image_features)
+            image_offsets = image_token_offsets(image_token_mask, tokens_per_image)
 
-        image_offsets = image_token_offsets(image_token_mask, tokens_per_image)
         last_hidden_state, cache = self.run_decoder(
             inputs_embeds,
             attention_mask=attention_mask,
@@ -306,6 +321,8 @@ class AdscLlavaModel(LlavaModel):
         alive_per_image = tokens_per_image
         dropped_outputs = None  # hidden states of dropped tokens, at their input positions
 
+        # Recomputed only for a pruned stream: stages that drop nothing (e.g. at decode steps) share these.
+        position_embeddings = language_model.rotary_emb(stream.hidden_states, stream.position_ids)
         for layer_idx, decoder_layer in enumerate(language_model.layers[: config.text_config.num_hidden_layers]):
             if layer_idx == 0 or layer_idx in pruning_layers:
                 if layer_idx > 0 and has_vision_tokens:
@@ -314,8 +331,8 @@ class AdscLlavaModel(LlavaModel):
                     stream = prune_vision_tokens(stream, keep_pattern)
                     alive_per_image = int(keep_pattern.sum())
                     has_vision_tokens = alive_per_image > 0
+                    position_embeddings = language_model.rotary_emb(stream.hidden_states, stream.position_ids)
                 causal_mask = self.stage_causal_mask(stream, cache, layer_idx, attention_mask)
-                position_embeddings = language_model.rotary_emb(stream.hidden_states, stream.position_ids)
             # position_ids are deliberately not passed: the RoPE above carries them, and flash-attention would read
             # the gaps left by dropped tokens as boundaries of packed sequences.
             hidden_states = decoder_layer(
@@ -329,7 +346,8 @@ class AdscLlavaModel(LlavaModel):
             stream = replace(stream, hidden_states=hidden_states)
 
         if dropped_outputs is not None:
-            hidden_states = scatter_to_input_positions(dropped_outputs, stream, sequence_length)
+            outputs = scatter_to_input_positions(dropped_outputs, stream, sequence_length)
+            hidden_states = outputs.view(batch_size, sequence_length + 1, -1)[:, :sequence_length]
         return language_model.norm(hidden_states), cache
 
     def stage_causal_mask(

@@ -238,3 +238,25 @@ def test_training_loss_and_gradient_checkpointing():
     projector_grad = model.model.multi_modal_projector.linear_1.weight.grad
     deep_layer_grad = model.model.language_model.layers[3].self_attn.q_proj.weight.grad
     assert projector_grad.abs().sum() > 0 and deep_layer_grad.abs().sum() > 0
+
+
+def test_image_token_id_in_a_decode_step_is_an_ordinary_token():
+    """Without image features in the forward there is nothing to prune; stock LLaVA just embeds the token."""
+    model = tiny_adsc_model(pruning_layers=[1], drop_ratio=0.5)
+    stock = stock_twin(model)
+    batch = make_batch([1])
+    mask = torch.cat([batch["attention_mask"], torch.ones(1, 1, dtype=torch.long)], dim=1)
+    logits = []
+    for candidate in (model, stock):
+        cache = DynamicCache(config=model.config.text_config)
+        with torch.no_grad():
+            candidate(**batch, cache=cache, use_cache=True)
+            step = candidate(input_ids=torch.tensor([[IMAGE_TOKEN_ID]]), attention_mask=mask, cache=cache)
+        logits.append(step.logits)
+    assert torch.isfinite(logits[0]).all()
+    model.config.adsc_pruning_layers = []  # unpruned, the two models agree on that step too
+    cache = DynamicCache(config=model.config.text_config)
+    with torch.no_grad():
+        model(**batch, cache=cache, use_cache=True)
+        unpruned = model(input_ids=torch.tensor([[IMAGE_TOKEN_ID]]), attention_mask=mask, cache=cache).logits
+    assert max_abs_diff(unpruned, logits[1]) <= MAX_ABS_DIFF

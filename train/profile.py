@@ -6,6 +6,7 @@ Usage:
 python -m train.profile                                  # LLaVA-1.5-7B, budgets 192 / 128 / 64, T = 58, G = 64
 python -m train.profile --config llava-1.5-13b --plot table_iv_13b.png
 python -m train.profile --config path/to/checkpoint --budgets 288 144 --kv-dtype bfloat16
+python -m train.profile --measure                        # then measure stock vs ADSC speed (train.benchmark)
 ```
 
 Every number comes from the analytic model in `train.cost` (DeepSpeed flops-profiler conventions); for the 7B config
@@ -75,7 +76,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="lm_head on every prefill position (the paper / DeepSpeed) or the last one (transformers generate).",
     )
     parser.add_argument("--plot", type=Path, default=None, help="Write a PNG of FLOPs and KV cache vs budget here.")
+    parser.add_argument(
+        "--measure",
+        choices=["cpu", "cuda"],
+        default=None,
+        help="Then run the speed benchmark (python -m train.benchmark, progress shown) with the same budgets, T, G, "
+        "images and batch size, on this device: on cuda with this config (random weights), on cpu with the "
+        "benchmark's random CPU-sized model (a 7B model is no CPU run) and its default pruning layers.",
+    )
     return parser
+
+
+def benchmark_argv(args: argparse.Namespace) -> list[str]:
+    """The `train.benchmark` arguments that measure what this table computes, as far as the device allows."""
+    argv = ["--device", args.measure, "--budgets", *[f"{budget:g}" for budget in args.budgets]]
+    argv += ["--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
+    argv += ["--num-images", str(args.num_images), "--batch-sizes", str(args.batch_size)]
+    if args.measure == "cuda":
+        argv += ["--config", str(args.config)]
+        if args.pruning_layers is not None:
+            argv += ["--pruning-layers", *map(str, args.pruning_layers)]
+    return argv
 
 
 def paper_applies(config, args: argparse.Namespace, pruning_layers: list[int]) -> bool:
@@ -268,6 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot is not None:
         write_plot(rows, paper, args.plot, f"{args.config}: T={args.prompt_tokens}, G={args.new_tokens}")
         print(f"\nplot written to {args.plot}")
+    if args.measure is not None:
+        from train import benchmark  # torch and the models are only needed for measured runs
+
+        print(f"\nMeasured (python -m train.benchmark {' '.join(benchmark_argv(args))}):\n", flush=True)
+        return benchmark.main(benchmark_argv(args))
     return 0
 
 

@@ -214,24 +214,9 @@ class AdscLlavaModel(LlavaModel):
                 return_dict=True,
                 **kwargs,
             )
-        # Without images in this forward (decode steps, text-only prompts) there is nothing to prune: an image token
-        # id is then just a token, as in stock LLaVA.
-        image_offsets = torch.full(inputs_embeds.shape[:2], -1, dtype=torch.long, device=inputs_embeds.device)
-        tokens_per_image = self.config.image_seq_length
-        if mm_encoder_outputs.get("image") is not None:
-            image_token_mask = self.image_token_mask(input_ids, inputs_embeds)
-            image_features = mm_encoder_outputs["image"].pooler_output
-            tokens_per_image = image_features[0].shape[0]
-            image_features = torch.cat(list(image_features), dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
-            if int(image_token_mask.sum()) != image_features.shape[0]:
-                raise ValueError(
-                    f"Image features and image tokens do not match: the prompt holds {int(image_token_mask.sum())} "
-                    f"image tokens but the images give {image_features.shape[0]} features "
-                    f"({len(mm_encoder_outputs['image'].pooler_output)} images x {tokens_per_image})."
-                )
-            inputs_embeds = inputs_embeds.masked_scatter(image_token_mask[..., None], image_features)
-            image_offsets = image_token_offsets(image_token_mask, tokens_per_image)
-
+        inputs_embeds, image_offsets, tokens_per_image = self.merge_image_features(
+            input_ids, inputs_embeds, mm_encoder_outputs.get("image")
+        )
         last_hidden_state, cache = self.run_decoder(
             inputs_embeds,
             attention_mask=attention_mask,
@@ -245,6 +230,33 @@ class AdscLlavaModel(LlavaModel):
         return LlavaModelOutputWithPast(
             last_hidden_state=last_hidden_state, cache=cache, image_outputs=mm_encoder_outputs.get("image")
         )
+
+    def merge_image_features(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, image_outputs
+    ) -> tuple[torch.Tensor, torch.LongTensor, int]:
+        """Put the image features at the image tokens, as stock LLaVA does, and find each image's tokens.
+
+        Returns:
+            The `(batch, seq, hidden)` embeddings, each token's `(batch, seq)` index within its image (-1 for text),
+            and the tokens per image. Without images in this forward (decode steps, text-only prompts) nothing is
+            pruned: an image token id is then an ordinary token, as in stock LLaVA.
+        """
+        no_images = torch.full(inputs_embeds.shape[:2], -1, dtype=torch.long, device=inputs_embeds.device)
+        if image_outputs is None:
+            return inputs_embeds, no_images, self.config.image_seq_length
+        image_token_mask = self.image_token_mask(input_ids, inputs_embeds)
+        tokens_per_image = image_outputs.pooler_output[0].shape[0]
+        image_features = torch.cat(list(image_outputs.pooler_output), dim=0).to(
+            inputs_embeds.device, inputs_embeds.dtype
+        )
+        if int(image_token_mask.sum()) != image_features.shape[0]:
+            raise ValueError(
+                f"Image features and image tokens do not match: the prompt holds {int(image_token_mask.sum())} image "
+                f"tokens but the images give {image_features.shape[0]} features "
+                f"({len(image_outputs.pooler_output)} images x {tokens_per_image})."
+            )
+        inputs_embeds = inputs_embeds.masked_scatter(image_token_mask[..., None], image_features)
+        return inputs_embeds, image_token_offsets(image_token_mask, tokens_per_image), tokens_per_image
 
     def image_token_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor) -> torch.BoolTensor:
         """`(batch, seq)` mask of the image placeholder tokens (from ids, or from embeddings as stock LLaVA does)."""

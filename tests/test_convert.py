@@ -117,7 +117,7 @@ def test_drop_ratio_and_pruning_layers_from_the_command_line(stock, tmp_path):
 
 def test_processor_is_carried_over(stock, tmp_path):
     convert_checkpoint(stock["folders"]["saved"], tmp_path / "adsc", drop_ratio=0.5)
-    processor = AutoProcessor.from_pretrained(tmp_path / "adsc")
+    processor = AutoProcessor.from_pretrained(tmp_path / "adsc", trust_remote_code=True)
     image = Image.new("RGB", (40, 36), "blue")
     ours = processor(images=image, text=PROMPT, return_tensors="pt")
     theirs = stock["processor"](images=image, text=PROMPT, return_tensors="pt")

@@ -456,7 +456,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 torch.set_num_threads(1)
 
 final_dir = request["final_dir"]
-processor = AutoProcessor.from_pretrained(final_dir)
+processor = AutoProcessor.from_pretrained(final_dir, trust_remote_code=True)
 inputs = dict(processor(images=Image.open(request["image"]), text=request["prompt"], return_tensors="pt"))
 model = AutoModelForImageTextToText.from_pretrained(final_dir, trust_remote_code=True).eval()
 with torch.no_grad():

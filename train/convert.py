@@ -115,7 +115,7 @@ def copy_processor(src: Path, dst: Path) -> bool:
     """Save SRC's processor (tokenizer, image processor, chat template) into DST; False if SRC has none."""
     if not any((src / name).is_file() for name in PROCESSOR_FILES):
         return False
-    AutoProcessor.from_pretrained(src).save_pretrained(dst)
+    AutoProcessor.from_pretrained(src, trust_remote_code=True).save_pretrained(dst)
     return True
 
 

@@ -283,6 +283,6 @@ def summarize_end(final_dir: Path, adsc_model, trainer: AdscTrainer) -> str:
             "  load it with:",
             "    from transformers import AutoModelForImageTextToText, AutoProcessor",
             f"    model = AutoModelForImageTextToText.from_pretrained('{final_dir}', trust_remote_code=True)",
-            f"    processor = AutoProcessor.from_pretrained('{final_dir}')",
+            f"    processor = AutoProcessor.from_pretrained('{final_dir}', trust_remote_code=True)",
         ]
     )

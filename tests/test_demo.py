@@ -1,0 +1,46 @@
+"""`python -m train.demo --quick`: the whole experiment, end to end, in its 2-minute smoke version."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_quick_demo_runs_end_to_end(tmp_path):
+    completed = subprocess.run(
+        [sys.executable, "-m", "train.demo", "--quick", "--output-dir", "out", "--cache-dir", "cache"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    out = tmp_path / "out"
+    results = json.loads((out / "results.json").read_text())
+    table_one, table_three = results["table_one"], results["table_three"]
+    # The full model, then training-free and fine-tuned ADSC at three budgets of about 1/3, 2/9 and 1/9.
+    methods = ["full model"] + ["ADSC, training-free", "ADSC + LoRA (reverse)"] * 3
+    assert [row["method"] for row in table_one] == methods
+    budgets = [row["budget"] for row in table_one[1::2]]
+    assert budgets == sorted(budgets, reverse=True) and abs(budgets[-1] - 144 / 9) < 0.5
+    # The cost model: pruning saves FLOPs and KV cache, more at smaller budgets.
+    kv_ratios = [row["kv_ratio"] for row in table_one]
+    assert kv_ratios[0] == 1.0 and kv_ratios[1] > kv_ratios[3] > kv_ratios[5] > 0
+    assert sorted(row["curriculum"] for row in table_three) == ["direct", "reverse", "standard"]
+    # Each fine-tuned model is a remote-code checkpoint; the new-image answer came from a fresh process.
+    assert (Path(table_one[2]["model_dir"]) / "modeling_adsc_llava.py").is_file()
+    assert "| ADSC + LoRA (reverse) |" in (out / "results.md").read_text()
+    assert (out / "accuracy_vs_tokens.png").stat().st_size > 1000
+    assert (out / "new_image.png").is_file() and "New image" in completed.stdout
+    # A rerun reuses the cached data, base model and fine-tuned models, and reproduces the numbers.
+    rerun = subprocess.run(
+        [sys.executable, "-m", "train.demo", "--quick", "--output-dir", "out", "--cache-dir", "cache"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert rerun.returncode == 0 and "Base model: reusing" in rerun.stdout
+    assert json.loads((out / "results.json").read_text()) == results

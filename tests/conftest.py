@@ -1,9 +1,10 @@
 """Tiny random LLaVA models and inputs for the tests: built offline from configs, fast on a CPU."""
 
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from adsc_llava import AdscLlavaConfig, AdscLlavaForConditionalGeneration
+from train.tiny import tiny_llava_config
 
 # The test models are tiny: a second thread costs more in synchronisation than it saves, and on a shared 2-core
 # machine it makes every step wait for a preempted thread (measured 10-100x slower).
@@ -25,36 +26,24 @@ def tiny_config(
     attn_implementation: str = "sdpa",
     text_model_type: str = "llama",
 ) -> AdscLlavaConfig:
-    vision_config = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
-        projection_dim=16,
-    )
-    text_config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB_SIZE,
-        max_position_embeddings=1024,
+    """A tiny ADSC config: CLIP 2 x 32 on 32 px images (16 vision tokens), Llama-style LM 4 x 64 with GQA."""
+    llava_config = tiny_llava_config(
+        VOCAB_SIZE,
+        IMAGE_TOKEN_ID,
+        PAD_TOKEN_ID,
         bos_token_id=BOS_ID,
         eos_token_id=EOS_ID,
-        pad_token_id=PAD_TOKEN_ID,
-    ).to_dict()
-    text_config["model_type"] = text_model_type
-    config = AdscLlavaConfig(
-        vision_config=vision_config.to_dict(),
-        text_config=text_config,
-        image_token_index=IMAGE_TOKEN_ID,
-        image_seq_length=TOKENS_PER_IMAGE,
-        adsc_pruning_layers=pruning_layers or [],
-        adsc_drop_ratio=drop_ratio,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+        text_layers=num_layers,
+        text_kv_heads=2,
+        max_position_embeddings=1024,
     )
+    config_dict = AdscLlavaConfig.from_llava_config(
+        llava_config, pruning_layers=pruning_layers or [], drop_ratio=drop_ratio
+    ).to_dict()
+    config_dict["text_config"]["model_type"] = text_model_type
+    config = AdscLlavaConfig(**{key: value for key, value in config_dict.items() if key != "model_type"})
     config._attn_implementation = attn_implementation
     return config
 

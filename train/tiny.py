@@ -150,13 +150,15 @@ def tiny_llava_config(
     text_hidden: int = 64,
     text_layers: int = 4,
     text_heads: int = 4,
+    text_kv_heads: int | None = None,
     text_intermediate: int = 128,
     max_position_embeddings: int = 4096,
 ) -> LlavaConfig:
     """A LLaVA-1.5-shaped config small enough for CPU tests: CLIP vision tower + Llama LM, untied embeddings.
 
     Same structure as llava-1.5-7b-hf (feature layer -2, "default" strategy, 2-layer GELU projector with bias,
-    MHA without GQA), so each image yields `(image_size // patch_size) ** 2` vision tokens in the LM.
+    MHA unless `text_kv_heads` asks for GQA), so each image yields `(image_size // patch_size) ** 2` vision tokens in
+    the LM.
     `vision_layers` must be >= 2 because features are read from the second-to-last layer.
     """
     if vision_layers < 2:
@@ -182,7 +184,7 @@ def tiny_llava_config(
         intermediate_size=text_intermediate,
         num_hidden_layers=text_layers,
         num_attention_heads=text_heads,
-        num_key_value_heads=text_heads,
+        num_key_value_heads=text_kv_heads or text_heads,
         max_position_embeddings=max_position_embeddings,
         rms_norm_eps=1e-5,
         pad_token_id=pad_token_id,

@@ -601,9 +601,11 @@ def test_cli_run_prints_the_plan_and_pushes_the_final_folder(run, workspace, tmp
         "--model", str(workspace.base), "--data", str(workspace.data), "--output-dir", str(output_dir),
         "--budget", str(BUDGET), "--max-steps", "3", "--per-device-train-batch-size", "4", "--lora-r", str(LORA_R),
         "--lora-alpha", str(2 * LORA_R), "--save-steps", "100", "--disable-tqdm", "--push-to-hub",
-        "--hub-model-id", "me/tiny-adsc",
+        "--hub-model-id", "me/tiny-adsc", "--base-model-id", "llava-hf/llava-1.5-7b-hf",
     ])
     # fmt: on
+    card = (output_dir / "final" / "README.md").read_text()
+    assert "base_model: llava-hf/llava-1.5-7b-hf" in card and 'from_pretrained("me/tiny-adsc"' in card
     printed = capsys.readouterr().out
     trainable = sum(run.recorder.before[name].numel() for name in run.recorder.trainable)
     assert f"trainable parameters: {trainable:,} of" in printed

@@ -87,6 +87,10 @@ class AdscTrainConfig:
     )
     push_to_hub: bool = field(default=False, metadata={"help": "Upload the final model to the hub."})
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository, e.g. me/llava-adsc-192."})
+    base_model_id: str | None = field(
+        default=None,
+        metadata={"help": "Hub id of --model for the model card's base_model (e.g. llava-hf/llava-1.5-7b-hf)."},
+    )
     report_to: str = field(default="none", metadata={"help": "Trainer loggers (tensorboard, wandb, none)."})
     disable_tqdm: bool = field(default=False, metadata={"help": "Hide progress bars."})
 

@@ -259,10 +259,11 @@ def save_final_model(config: AdscTrainConfig, trainer: AdscTrainer, adsc_model, 
     write_model_card(
         final_dir,
         adsc_model.config,
-        base_model=config.model,
+        base_model=config.base_model_id or config.model,
         data=config.data,
         steps=trainer.state.global_step,
         curriculum=config.curriculum if phases else None,
+        repo_id=config.hub_model_id,
     )
     if config.push_to_hub:
         from huggingface_hub import HfApi

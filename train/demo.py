@@ -439,6 +439,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="A 2-minute smoke version (tiny data, few steps).")
     args = parser.parse_args(argv)
+    # Absolute paths: the new-image check runs in a fresh process whose working directory is the output folder.
+    args.output_dir, args.cache_dir = args.output_dir.resolve(), args.cache_dir.resolve()
     recipe = QUICK if args.quick else FULL
     torch.set_num_threads(1)  # tiny models: a second thread costs more than it brings (and CI shares the cores)
     started = time.time()

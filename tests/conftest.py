@@ -1,5 +1,12 @@
 """Tiny random LLaVA models and inputs for the tests: built offline from configs, fast on a CPU."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
@@ -98,3 +105,26 @@ def make_batch(
     if sum(images_per_row):
         batch["pixel_values"] = torch.randn(sum(images_per_row), 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
     return batch
+
+
+def run_fresh_process(script: str, workdir: Path, request: dict, timeout_s: float = 180) -> dict:
+    """Run `script` in a new isolated interpreter (`python -I`, fresh HF cache, offline) and return its report.
+
+    The child reads `workdir/request.json` and writes `workdir/report.json`; hiding the project from its imports is the
+    script's own job (each test checks that it really cannot import it).
+    """
+    (workdir / "request.json").write_text(json.dumps(request))
+    (workdir / "child.py").write_text(script)
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("PYTHON", "HF_", "TRANSFORMERS_"))}
+    env.update(HF_HOME=str(workdir / "hf_home"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    completed = subprocess.run(
+        [sys.executable, "-I", str(workdir / "child.py"), str(workdir)],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+    if completed.returncode != 0:
+        pytest.fail(f"The fresh process failed (exit {completed.returncode}):\n{completed.stderr[-4000:]}")
+    return json.loads((workdir / "report.json").read_text())

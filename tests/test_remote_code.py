@@ -7,9 +7,6 @@ writes what it saw to files that the tests below compare with the in-memory mode
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,12 +19,13 @@ import train
 from adsc_llava import AdscLlavaConfig, AdscLlavaForConditionalGeneration
 from train.tiny import PROMPT_WORDS, SPECIAL_TOKENS, build_tiny_processor, tiny_llava_config_for
 
+from conftest import run_fresh_process
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_FILES = ("configuration_adsc_llava.py", "modeling_adsc_llava.py")
 PROJECT_MODULES = ("adsc_llava", "train", "configuration_adsc_llava", "modeling_adsc_llava")
 AUTO_CLASSES = ("AutoConfig", "AutoModel", "AutoModelForImageTextToText")
 NEW_TOKENS = 4
-CHILD_TIMEOUT_S = 180
 
 QUESTION = "what is in the image ?"
 PROMPTS = ("USER: <image>\nwhat color is the square ? ASSISTANT:", "USER: how many circle ? ASSISTANT:")
@@ -161,26 +159,6 @@ def project_source_paths() -> list[str]:
     return sorted({str(path) for path in paths})
 
 
-def run_child(workdir: Path, request: dict) -> dict:
-    (workdir / "request.json").write_text(json.dumps(request))
-    script = workdir / "child.py"
-    script.write_text(CHILD_SCRIPT)
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("PYTHON", "HF_", "TRANSFORMERS_"))}
-    # A fresh module cache (where transformers copies the checkpoint's code) and no network at all.
-    env.update(HF_HOME=str(workdir / "hf_home"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    completed = subprocess.run(
-        [sys.executable, "-I", str(script), str(workdir)],
-        cwd=workdir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=CHILD_TIMEOUT_S,
-    )
-    if completed.returncode != 0:
-        pytest.fail(f"The fresh process failed (exit {completed.returncode}):\n{completed.stderr[-4000:]}")
-    return json.loads((workdir / "report.json").read_text())
-
-
 @pytest.fixture(scope="module")
 def remote(tmp_path_factory) -> SimpleNamespace:
     """Save a tiny pruned ADSC model + processor, run the fresh process once, return both sides' results."""
@@ -209,7 +187,8 @@ def remote(tmp_path_factory) -> SimpleNamespace:
         expected_logits = model(**inputs).logits
         expected_answer = reference_answer(model, processor, image, generate_kwargs)
 
-    report = run_child(
+    report = run_fresh_process(
+        CHILD_SCRIPT,
         workdir,
         {
             "checkpoint": str(checkpoint),

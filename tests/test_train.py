@@ -9,7 +9,6 @@ mocked hub, adapter) are a few steps each.
 
 import json
 import math
-import os
 import re
 import shutil
 import subprocess
@@ -37,6 +36,8 @@ from train.curriculum import phase_at
 from train.tiny import PROMPT_WORDS, SPECIAL_TOKENS, build_tiny_processor, tiny_llava_config_for
 from train.trainer import run_training
 
+from conftest import run_fresh_process
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_FILES = ("configuration_adsc_llava.py", "modeling_adsc_llava.py")
 IMAGE_SIZE, PATCH_SIZE = 32, 8
@@ -46,7 +47,6 @@ MAX_STEPS, SAVE_STEPS = 6, 3  # phases cover steps [0, 2), [2, 4), [4, 6); check
 LORA_R = 8
 LEARNING_RATE, PROJECTOR_LEARNING_RATE = 1e-2, 3e-3
 NEW_TOKENS = 5
-CHILD_TIMEOUT_S = 180
 WORDS = ("what", "color", "shape", "is", "the", "it", "in", "image", "?", "a", "red", "blue", "green", "square",
          "circle", "and")  # fmt: skip
 PROMPT = "USER: <image>\nwhat color is the shape ? ASSISTANT:"
@@ -483,21 +483,7 @@ def fresh_process(run, workspace, tmp_path_factory) -> SimpleNamespace:
         prompt=PROMPT,
         generate_kwargs=run.generate_kwargs,
     )
-    (workdir / "request.json").write_text(json.dumps(request))
-    (workdir / "child.py").write_text(CHILD_SCRIPT)
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("PYTHON", "HF_", "TRANSFORMERS_"))}
-    env.update(HF_HOME=str(workdir / "hf_home"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    completed = subprocess.run(
-        [sys.executable, "-I", str(workdir / "child.py"), str(workdir)],
-        cwd=workdir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=CHILD_TIMEOUT_S,
-    )
-    if completed.returncode != 0:
-        pytest.fail(f"The fresh process failed (exit {completed.returncode}):\n{completed.stderr[-4000:]}")
-    report = json.loads((workdir / "report.json").read_text())
+    report = run_fresh_process(CHILD_SCRIPT, workdir, request)
     return SimpleNamespace(report=report, outputs=torch.load(workdir / "outputs.pt"))
 
 

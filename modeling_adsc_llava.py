@@ -101,6 +101,27 @@ class TokenStream:
     key_mask: torch.BoolTensor  # may be attended to: not padding and not filler
     image_offsets: torch.LongTensor  # index within its image's alive tokens, -1 for text
 
+    @classmethod
+    def from_inputs(
+        cls,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None,
+        image_offsets: torch.LongTensor,
+    ) -> "TokenStream":
+        """Every input token, as layer 0 sees it; `attention_mask` `(batch, past + seq)` may be None (no padding)."""
+        batch_size, sequence_length, _ = inputs_embeds.shape
+        device = inputs_embeds.device
+        all_tokens = torch.ones(batch_size, sequence_length, dtype=torch.bool, device=device)
+        return cls(
+            hidden_states=inputs_embeds,
+            position_ids=position_ids.expand(batch_size, -1),
+            source_index=torch.arange(sequence_length, device=device).expand(batch_size, -1),
+            token_valid=all_tokens,
+            key_mask=attention_mask[:, -sequence_length:].bool() if attention_mask is not None else all_tokens,
+            image_offsets=image_offsets,
+        )
+
 
 def vision_keep_pattern(num_alive: int, drop_ratio: float, device: torch.device) -> torch.BoolTensor:
     """`(num_alive,)` mask of an image's alive vision tokens that survive one pruning layer."""
@@ -296,38 +317,14 @@ class AdscLlavaModel(LlavaModel):
         validate_schedule(config.text_config.num_hidden_layers, config.adsc_pruning_layers, config.adsc_drop_ratio)
         language_model = self.language_model
         batch_size, sequence_length, _ = inputs_embeds.shape
-        device = inputs_embeds.device
 
-        if cache is not None and (not isinstance(cache, DynamicCache) or cache.is_compileable):
-            raise ValueError(
-                f"ADSC-LLaVA needs a DynamicCache, got {type(cache).__name__}: static / compile caches give every "
-                "layer the same length, but after a pruning layer the layers cache fewer tokens."
-            )
+        check_cache_and_mask(cache, attention_mask)
         if use_cache and cache is None:
             cache = DynamicCache(config=config.text_config)
-        if attention_mask is not None and attention_mask.ndim != 2:
-            raise ValueError(
-                "ADSC-LLaVA builds one causal mask per pruning stage and needs the 2D padding mask "
-                f"(batch, seq); got a {attention_mask.ndim}D attention_mask."
-            )
         past_length = cache.get_seq_length(0) if cache is not None else 0
         if position_ids is None:
-            position_ids = torch.arange(past_length, past_length + sequence_length, device=device)
-        position_ids = position_ids.expand(batch_size, -1)
-        token_padding_mask = (
-            attention_mask[:, -sequence_length:].bool()
-            if attention_mask is not None
-            else torch.ones(batch_size, sequence_length, dtype=torch.bool, device=device)
-        )
-
-        stream = TokenStream(
-            hidden_states=inputs_embeds,
-            position_ids=position_ids,
-            source_index=torch.arange(sequence_length, device=device).expand(batch_size, -1),
-            token_valid=torch.ones(batch_size, sequence_length, dtype=torch.bool, device=device),
-            key_mask=token_padding_mask,
-            image_offsets=image_offsets,
-        )
+            position_ids = torch.arange(past_length, past_length + sequence_length, device=inputs_embeds.device)
+        stream = TokenStream.from_inputs(inputs_embeds, position_ids, attention_mask, image_offsets)
         has_vision_tokens = bool((image_offsets >= 0).any())
         pruning_layers = set(config.adsc_pruning_layers)
         alive_per_image = tokens_per_image
@@ -339,7 +336,7 @@ class AdscLlavaModel(LlavaModel):
             if layer_idx == 0 or layer_idx in pruning_layers:
                 if layer_idx > 0 and has_vision_tokens:
                     dropped_outputs = scatter_to_input_positions(dropped_outputs, stream, sequence_length)
-                    keep_pattern = vision_keep_pattern(alive_per_image, config.adsc_drop_ratio, device)
+                    keep_pattern = vision_keep_pattern(alive_per_image, config.adsc_drop_ratio, inputs_embeds.device)
                     stream = prune_vision_tokens(stream, keep_pattern)
                     alive_per_image = int(keep_pattern.sum())
                     has_vision_tokens = alive_per_image > 0
@@ -413,6 +410,20 @@ class AdscLlavaModel(LlavaModel):
         raise ValueError(
             f"The cache holds {past_length} tokens at layer {layer_idx} but was not filled by ADSC-LLaVA, so the "
             "tokens each stage kept are unknown. Start generation from an empty cache."
+        )
+
+
+def check_cache_and_mask(cache: Cache | None, attention_mask: torch.Tensor | None) -> None:
+    """Refuse inputs the per-stage cache and masks cannot serve, with an error that says why."""
+    if cache is not None and (not isinstance(cache, DynamicCache) or cache.is_compileable):
+        raise ValueError(
+            f"ADSC-LLaVA needs a DynamicCache, got {type(cache).__name__}: static / compile caches give every "
+            "layer the same length, but after a pruning layer the layers cache fewer tokens."
+        )
+    if attention_mask is not None and attention_mask.ndim != 2:
+        raise ValueError(
+            "ADSC-LLaVA builds one causal mask per pruning stage and needs the 2D padding mask "
+            f"(batch, seq); got a {attention_mask.ndim}D attention_mask."
         )
 
 

@@ -155,7 +155,7 @@ def generation_cases(draw):
     return num_layers, pruning_layers, drop_ratio, images_per_row, text_lengths, padding_side, num_beams
 
 
-@settings(max_examples=25, deadline=None, derandomize=True)
+@settings(max_examples=60, deadline=None, derandomize=True)
 @given(case=generation_cases())
 def test_cached_generation_equals_uncached(case):
     num_layers, pruning_layers, drop_ratio, images_per_row, text_lengths, padding_side, num_beams = case

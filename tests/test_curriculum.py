@@ -87,11 +87,12 @@ def test_uneven_step_counts_and_custom_fractions_cover_every_step_once(config):
         ({"factors": (0.8, 1.0), "phase_fractions": (1.0,)}, "one non-negative share per factor"),
         ({"factors": (0.1, 1.0)}, r"0.1x of budget 192 = 19.2 tokens is outside the range \[36, 576\]"),
         ({"factors": (4.0,)}, "outside the range"),
+        ({"factors": (0.8, 0.9, 1.0), "total_steps": 2}, "needs at least 3 optimizer steps, the run has 2"),
     ],
 )
 def test_bad_curricula_are_rejected(config, kwargs, message):
     with pytest.raises(ValueError, match=message):
-        build_curriculum(config, TARGET, 10, **kwargs)
+        build_curriculum(config, TARGET, **{"total_steps": 10, **kwargs})
 
 
 def test_callback_sets_the_drop_ratio_of_the_current_step(config):

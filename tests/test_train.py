@@ -399,7 +399,9 @@ def test_an_interrupted_save_never_becomes_the_last_checkpoint(workspace, tmp_pa
     recorder = RunRecorder()
     with monkeypatch.context() as patch:
         recorder.install(patch)
-        final_dir = run_training(train_config(workspace, output_dir, max_steps=2, save_steps=1, resume=True))
+        final_dir = run_training(
+            train_config(workspace, output_dir, max_steps=2, save_steps=1, curriculum="direct", resume=True)
+        )
     assert sorted(recorder.lengths) == [1]  # resumed after step 1
     assert recorder.trainer.state.global_step == 2
     assert (final_dir / "model.safetensors").is_file()

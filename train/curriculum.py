@@ -55,6 +55,11 @@ def build_curriculum(
         raise ValueError(
             f"phase_fractions {phase_fractions} must be one non-negative share per factor {factors}, summing to 1."
         )
+    if total_steps < len(factors):
+        raise ValueError(
+            f"A {len(factors)}-phase curriculum needs at least {len(factors)} optimizer steps, "
+            f"the run has {total_steps}."
+        )
     num_layers = config.text_config.num_hidden_layers
     num_tokens = config.image_seq_length
     low, high = reachable_budget_range(num_layers, config.adsc_pruning_layers, num_tokens)

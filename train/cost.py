@@ -516,6 +516,16 @@ def estimate_cost(
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def stock_and_adsc_costs(config: LlavaConfig, **estimate_kwargs: Any) -> tuple[CostReport, CostReport]:
+    """The same run twice: without pruning (stock LLaVA) and with the config's own schedule.
+
+    `estimate_kwargs` go to `estimate_cost` (prompt_tokens, new_tokens, kv_dtype, ...), except `schedule`.
+    """
+    dims = LlavaDims.from_config(config)
+    stock = estimate_cost(config, schedule=[dims.vision_tokens_per_image] * dims.num_layers, **estimate_kwargs)
+    return stock, estimate_cost(config, **estimate_kwargs)
+
+
 def load_reference_config(name: str = "llava-1.5-7b") -> LlavaConfig:
     """One of the shipped llava-hf configs (`"llava-1.5-7b"`, `"llava-1.5-13b"`), as on the hub, without a download."""
     if name not in REFERENCE_CONFIGS:
@@ -561,6 +571,7 @@ __all__ = [
     "patch_embedding_flops",
     "projector_flops",
     "schedule_for_budget",
+    "stock_and_adsc_costs",
     "vision_layer_flops",
     "vision_tower_flops",
 ]

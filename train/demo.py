@@ -29,10 +29,10 @@ import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from adsc_llava import AdscLlavaConfig, AdscLlavaForConditionalGeneration
-from adsc_llava.configuration_adsc_llava import default_pruning_layers, solve_drop_ratio
+from adsc_llava.configuration_adsc_llava import default_pruning_layers
 from train import synthetic
 from train.args import AdscTrainConfig
-from train.cost import estimate_cost, format_schedule
+from train.cost import format_schedule, schedule_for_budget, stock_and_adsc_costs
 from train.tiny import build_processor, build_word_tokenizer, tiny_llava_config_for
 from train.trainer import run_training
 
@@ -199,13 +199,11 @@ def train_base_model(cache: Path, recipe: DemoRecipe, train_json: Path) -> Path:
 def with_budget(model: AdscLlavaForConditionalGeneration, budget: float | None) -> AdscLlavaForConditionalGeneration:
     """Set the model's schedule for `budget` average vision tokens (None: no pruning)."""
     config = model.config
-    num_layers = config.text_config.num_hidden_layers
-    config.adsc_pruning_layers = default_pruning_layers(num_layers) if budget is not None else []
-    config.adsc_drop_ratio = (
-        solve_drop_ratio(num_layers, config.adsc_pruning_layers, config.image_seq_length, budget)
-        if budget is not None
-        else 0.0
-    )
+    if budget is None:
+        config.adsc_pruning_layers, config.adsc_drop_ratio = [], 0.0
+    else:
+        config.adsc_pruning_layers = default_pruning_layers(config.text_config.num_hidden_layers)
+        config.adsc_drop_ratio, _ = schedule_for_budget(config, budget, config.adsc_pruning_layers)
     return model
 
 
@@ -245,9 +243,7 @@ def synthetic_image(path: Path):
 
 def cost_ratios(config: AdscLlavaConfig, prompt_tokens: int) -> tuple[float, float]:
     """(FLOPs, KV cache) of the model's schedule relative to no pruning, for one question and a one-word answer."""
-    full = [config.image_seq_length] * config.text_config.num_hidden_layers
-    stock = estimate_cost(config, prompt_tokens=prompt_tokens, new_tokens=2, schedule=full)
-    adsc = estimate_cost(config, prompt_tokens=prompt_tokens, new_tokens=2)
+    stock, adsc = stock_and_adsc_costs(config, prompt_tokens=prompt_tokens, new_tokens=2)
     return adsc.total_flops / stock.total_flops, adsc.kv_cache_bytes / stock.kv_cache_bytes
 
 

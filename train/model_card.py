@@ -4,7 +4,7 @@ from pathlib import Path
 from string import Template
 
 from adsc_llava import AdscLlavaConfig
-from train.cost import estimate_cost, format_schedule
+from train.cost import format_schedule, stock_and_adsc_costs
 
 TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_card.md"
 # Table IV's setting: 58 prompt tokens, 64 generated tokens.
@@ -13,14 +13,9 @@ CARD_PROMPT_TOKENS, CARD_NEW_TOKENS = 58, 64
 
 def cost_section(config: AdscLlavaConfig) -> str:
     """FLOPs and KV-cache savings against stock LLaVA from the analytic cost model, as Markdown."""
-    stock = estimate_cost(
-        config,
-        prompt_tokens=CARD_PROMPT_TOKENS,
-        new_tokens=CARD_NEW_TOKENS,
-        schedule=[config.image_seq_length] * config.text_config.num_hidden_layers,
-        kv_dtype="float16",
+    stock, adsc = stock_and_adsc_costs(
+        config, prompt_tokens=CARD_PROMPT_TOKENS, new_tokens=CARD_NEW_TOKENS, kv_dtype="float16"
     )
-    adsc = estimate_cost(config, prompt_tokens=CARD_PROMPT_TOKENS, new_tokens=CARD_NEW_TOKENS, kv_dtype="float16")
     return (
         f"## Cost (analytic: one image, {CARD_PROMPT_TOKENS} prompt + {CARD_NEW_TOKENS} generated tokens)\n\n"
         "| | stock LLaVA | this model | ratio |\n|---|---|---|---|\n"

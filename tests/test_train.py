@@ -22,7 +22,7 @@ import torch
 from huggingface_hub import HfApi, ModelCard
 from peft import PeftModel
 from PIL import Image, ImageDraw
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import LlavaForConditionalGeneration, Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -31,6 +31,7 @@ from adsc_llava import AdscLlavaConfig, AdscLlavaForConditionalGeneration
 from adsc_llava.configuration_adsc_llava import vision_tokens_per_layer
 from train.__main__ import main
 from train.args import AdscTrainConfig
+from train.convert import CorruptCheckpointError
 from train.cost import format_schedule
 from train.curriculum import phase_at
 from train.tiny import PROMPT_WORDS, SPECIAL_TOKENS, build_tiny_processor, tiny_llava_config_for
@@ -605,6 +606,19 @@ def test_cli_run_prints_the_plan_and_pushes_the_final_folder(run, workspace, tmp
     (_, repo_id, folder, files) = uploads[-1]
     assert repo_id == "me/tiny-adsc" and folder in (None, output_dir / "final")
     assert {"config.json", "model.safetensors", "README.md", "tokenizer.json", *SHIPPED_FILES} <= set(files)
+
+
+def test_a_corrupt_base_checkpoint_is_refused_before_training(workspace, tmp_path):
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(workspace.base, corrupt)
+    weights = load_file(corrupt / "model.safetensors")
+    name = next(key for key in weights if "multi_modal_projector.linear_1.weight" in key)
+    weights[name] = weights[name][:, :-1].contiguous()  # wrong shape
+    save_file(weights, corrupt / "model.safetensors", metadata={"format": "pt"})
+    config = train_config(workspace, tmp_path / "out", model=str(corrupt), max_steps=1, curriculum="direct")
+    with pytest.raises(CorruptCheckpointError, match="tensors of the wrong shape: .*multi_modal_projector.linear_1"):
+        run_training(config)
+    assert not (tmp_path / "out" / "final").exists()
 
 
 def test_save_adapter_keeps_the_adapter(workspace, tmp_path):

@@ -20,6 +20,7 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
 from transformers import AutoProcessor, LlavaConfig
 
 from adsc_llava import AdscLlavaConfig, AdscLlavaForConditionalGeneration
@@ -92,14 +93,16 @@ def loading_problems(loading_info: dict) -> list[str]:
     return problems
 
 
-def load_source_weights(src: Path, config: AdscLlavaConfig) -> AdscLlavaForConditionalGeneration:
-    """The source weights in the ADSC class, in their own dtype; a `CorruptCheckpointError` unless all fit exactly.
+def load_source_weights(
+    src: str | Path, config: AdscLlavaConfig, dtype: torch.dtype | str = "auto"
+) -> AdscLlavaForConditionalGeneration:
+    """The source weights in the ADSC class (`"auto"`: their own dtype); a `CorruptCheckpointError` unless all fit.
 
     Both llava-hf key layouts load: the modeling file registers LLaVA's checkpoint conversion mapping for ADSC.
     """
     # Mismatched shapes are collected (not raised one by one) so that the error lists every problem at once.
     model, loading_info = AdscLlavaForConditionalGeneration.from_pretrained(
-        src, config=config, dtype="auto", ignore_mismatched_sizes=True, output_loading_info=True
+        src, config=config, dtype=dtype, ignore_mismatched_sizes=True, output_loading_info=True
     )
     problems = loading_problems(loading_info)
     if problems:

@@ -21,6 +21,7 @@ from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 from adsc_llava import AdscLlavaConfig, AdscLlavaForConditionalGeneration
 from adsc_llava.configuration_adsc_llava import default_pruning_layers
 from train.args import AdscTrainConfig
+from train.convert import load_source_weights
 from train.cost import format_schedule
 from train.curriculum import CurriculumCallback, build_curriculum, describe_curriculum
 from train.data import LlavaDataCollator, LlavaInstructDataset, ModalityLengthGroupedSampler
@@ -39,7 +40,8 @@ def load_adsc_model(
     """Load a llava-hf or ADSC checkpoint as ADSC-LLaVA with pruning layers for `budget` (r is set by the curriculum).
 
     Raises:
-        ValueError: for a checkpoint that is not LLaVA, or that loads with missing or unexpected weights.
+        ValueError: for a checkpoint that is not LLaVA; `CorruptCheckpointError` (a `ValueError`) for one whose
+            weights are missing, unexpected or of the wrong shape.
     """
     source_config = AutoConfig.from_pretrained(path, trust_remote_code=True)
     if source_config.model_type not in ("llava", "adsc_llava"):
@@ -50,15 +52,7 @@ def load_adsc_model(
     else:
         layers = pruning_layers if pruning_layers is not None else default_pruning_layers(num_layers)
         config = AdscLlavaConfig.from_llava_config(source_config, pruning_layers=layers, budget=budget)
-    model, loading_info = AdscLlavaForConditionalGeneration.from_pretrained(
-        path, config=config, dtype=dtype, output_loading_info=True
-    )
-    problems = {
-        key: value for key, value in loading_info.items() if key in ("missing_keys", "unexpected_keys") and value
-    }
-    if problems:
-        raise ValueError(f"Corrupt or incompatible checkpoint {path}: {problems}")
-    return model
+    return load_source_weights(path, config, dtype)
 
 
 def add_lora(model: AdscLlavaForConditionalGeneration, config: AdscTrainConfig) -> PeftModel:

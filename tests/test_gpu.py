@@ -1,0 +1,72 @@
+"""What only a CUDA GPU shows: sdpa's fused kernels (flash, memory-efficient) and bf16. Skipped without CUDA.
+
+On the CPU, sdpa always runs its math kernel; here the same ADSC forward must pick the fused kernels and agree with
+fp32 eager, and an unpadded prompt must run with *only* the flash backend allowed (so no stage passes a mask to
+sdpa that would rule flash out).
+"""
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from conftest import IMAGE_TOKEN_ID, make_batch, stock_twin, tiny_adsc_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+PRUNED = dict(pruning_layers=[1, 2], drop_ratio=0.5)
+GENERATE = dict(max_new_tokens=12, do_sample=False, suppress_tokens=[IMAGE_TOKEN_ID])
+
+
+def on_gpu(batch: dict, dtype: torch.dtype) -> dict:
+    batch = {key: value.cuda() for key, value in batch.items()}
+    if "pixel_values" in batch:
+        batch["pixel_values"] = batch["pixel_values"].to(dtype)
+    return batch
+
+
+@pytest.mark.parametrize("images_per_row", [[1], [1, 0, 2]], ids=["unpadded", "left-padded-mixed"])
+def test_bf16_sdpa_pruned_prefill_matches_fp32_eager(images_per_row):
+    reference = tiny_adsc_model(**PRUNED, attn_implementation="eager").cuda()
+    model = tiny_adsc_model(**PRUNED, attn_implementation="sdpa").cuda().to(torch.bfloat16)
+    batch = make_batch(images_per_row, padding_side="left")
+    with torch.no_grad():
+        expected = reference(**on_gpu(batch, torch.float32)).logits
+        actual = model(**on_gpu(batch, torch.bfloat16)).logits.float()
+    text = on_gpu(batch, torch.float32)["input_ids"] != IMAGE_TOKEN_ID
+    torch.testing.assert_close(actual[text], expected[text], atol=3e-2, rtol=3e-2)
+
+
+def test_unpadded_prompt_runs_on_the_flash_backend_alone():
+    model = tiny_adsc_model(**PRUNED, attn_implementation="sdpa").cuda().to(torch.bfloat16)
+    batch = on_gpu(make_batch([2]), torch.bfloat16)
+    with torch.no_grad():
+        allowed_all = model(**batch).logits
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # raises "No available kernel" if a mask reached sdpa
+            flash_only = model(**batch).logits
+            generated = model.generate(**batch, **GENERATE)
+    torch.testing.assert_close(flash_only, allowed_all, atol=0, rtol=0)
+    assert generated.shape[1] == batch["input_ids"].shape[1] + GENERATE["max_new_tokens"]
+
+
+def test_cached_generate_equals_uncached_on_gpu_fp32():
+    # fp32 with TF32 off: the cached and uncached paths must then pick the same tokens, as on the CPU.
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        model = tiny_adsc_model(**PRUNED, attn_implementation="sdpa").cuda()
+        batch = on_gpu(make_batch([1, 0, 2], padding_side="left"), torch.float32)
+        cached = model.generate(**batch, **GENERATE, use_cache=True)
+        uncached = model.generate(**batch, **GENERATE, use_cache=False)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    assert torch.equal(cached, uncached)
+
+
+def test_without_pruning_bf16_equals_stock_llava_on_gpu():
+    model = tiny_adsc_model(attn_implementation="sdpa")
+    stock = stock_twin(model).cuda().to(torch.bfloat16)
+    model = model.cuda().to(torch.bfloat16)
+    batch = on_gpu(make_batch([1, 1], text_lengths=[3, 8], padding_side="left"), torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, stock(**batch).logits, atol=0, rtol=0)
+    assert torch.equal(model.generate(**batch, **GENERATE), stock.generate(**batch, **GENERATE))

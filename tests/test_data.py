@@ -125,6 +125,13 @@ def test_encoding_is_exact(processor, image_folder, record, expected_ids, expect
         assert "pixel_values" not in sample
 
 
+def test_loss_on_every_text_token_when_not_assistant_only(processor, image_folder):
+    sample = _dataset([MULTI], processor, image_folder, assistant_only_loss=False)[0]
+    assert sample["input_ids"].tolist() == MULTI_IDS
+    # Everything but the image placeholders: the next-token loss of pretraining (the BOS label is never predicted).
+    assert sample["labels"].tolist() == [X if token == IMG else token for token in MULTI_IDS]
+
+
 def test_llava_hf_template_gets_eos_appended_and_eos_template_does_not_double_it(processor, image_folder):
     # llava-hf's template renders no `</s>`: the dataset appends it. A template that emits it must not get two.
     assert _dataset([MULTI], processor, image_folder).append_eos is True

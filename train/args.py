@@ -26,6 +26,10 @@ class AdscTrainConfig:
     scan_data: bool = field(
         default=True, metadata={"help": "Check every record (files, lengths) before training, not hours in."}
     )
+    assistant_only_loss: bool = field(
+        default=True,
+        metadata={"help": "Loss on assistant answers only (LLaVA). False: on every text token, prompts too."},
+    )
     group_by_modality_length: bool = field(
         default=False, metadata={"help": "LLaVA's sampler: batches of image-only or text-only records."}
     )

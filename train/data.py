@@ -435,6 +435,8 @@ class LlavaInstructDataset(Dataset):
             good record instead.
         truncate_long_samples: Cut too-long samples to `max_length` instead of rejecting them, as LLaVA does,
             but only when the cut splits no image and leaves at least one supervised token.
+        assistant_only_loss: Supervise the assistant answers only (LLaVA). False: every text token (prompts too,
+            image placeholders never), the next-token loss of pretraining, e.g. for a model trained from scratch.
     """
 
     def __init__(
@@ -446,6 +448,7 @@ class LlavaInstructDataset(Dataset):
         max_length: int = DEFAULT_MAX_LENGTH,
         on_bad_record: BadRecordPolicy = "error",
         truncate_long_samples: bool = False,
+        assistant_only_loss: bool = True,
     ):
         if on_bad_record not in BAD_RECORD_POLICIES:
             raise ValueError(f"on_bad_record must be one of {BAD_RECORD_POLICIES}, got {on_bad_record!r}")
@@ -462,6 +465,7 @@ class LlavaInstructDataset(Dataset):
         self.max_length = max_length
         self.on_bad_record = on_bad_record
         self.truncate_long_samples = truncate_long_samples
+        self.assistant_only_loss = assistant_only_loss
         self.image_token = getattr(processor, "image_token", DEFAULT_IMAGE_TOKEN)
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
         self.append_eos = not chat_template_emits_eos(processor)
@@ -532,7 +536,10 @@ class LlavaInstructDataset(Dataset):
         )
         input_ids = encoding["input_ids"][0]
         spans = _shift_spans(rendered.assistant_spans, encoding["text_replacement_offsets"][0])
-        labels = labels_from_spans(input_ids, encoding["offset_mapping"][0], spans)
+        if self.assistant_only_loss:
+            labels = labels_from_spans(input_ids, encoding["offset_mapping"][0], spans)
+        else:
+            labels = input_ids.masked_fill(input_ids == self.image_token_id, IGNORE_INDEX)
         input_ids, labels = self._fit_length(conversation.record_id, input_ids, labels)
         sample = {"id": conversation.record_id, "input_ids": input_ids, "labels": labels}
         if images is not None:

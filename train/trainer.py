@@ -160,6 +160,7 @@ def build_trainer(config: AdscTrainConfig) -> tuple[AdscTrainer, AdscLlavaForCon
         config.image_folder if config.image_folder is not None else data_path.parent,
         max_length=config.max_length,
         on_bad_record=config.on_bad_record,
+        assistant_only_loss=config.assistant_only_loss,
     )
     if config.scan_data:
         stats = dataset.scan(show_progress=not config.disable_tqdm)

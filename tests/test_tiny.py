@@ -10,6 +10,8 @@ from train.tiny import (
     build_processor,
     build_tiny_processor,
     build_word_tokenizer,
+    init_patch_position_embeddings,
+    sincos_2d_position_embeddings,
     tiny_llava_config,
     tiny_llava_config_for,
 )
@@ -148,3 +150,29 @@ def test_demo_processor_covers_demo_words():
     processor = build_tiny_processor()
     ids = processor.tokenizer("what color is the square ?", add_special_tokens=False)["input_ids"]
     assert processor.tokenizer.unk_token_id not in ids
+
+
+def test_sincos_2d_codes_separate_rows_and_columns():
+    grid, dim = 6, 32
+    codes = sincos_2d_position_embeddings(grid, dim, scale=0.5).view(grid, grid, dim)
+    row_half, column_half = codes[..., : dim // 2], codes[..., dim // 2 :]
+    # The first half depends on the row only, the second on the column only; every patch gets its own code.
+    assert torch.equal(row_half, row_half[:, :1].expand_as(row_half))
+    assert torch.equal(column_half, column_half[:1].expand_as(column_half))
+    assert torch.cdist(codes.view(-1, dim), codes.view(-1, dim)).add(torch.eye(grid * grid)).min() > 0.1
+    assert codes.abs().max() <= 0.5 and torch.allclose(codes[0, 0, dim // 4 : dim // 2], torch.full((dim // 4,), 0.5))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        sincos_2d_position_embeddings(grid, 30)
+
+
+def test_init_patch_position_embeddings_keeps_cls_and_rope_theta_reaches_the_model():
+    config = tiny_llava_config(32, 30, 31, image_size=16, patch_size=4, rope_theta=1e6)
+    model = LlavaForConditionalGeneration(config)
+    weight = model.model.vision_tower.embeddings.position_embedding.weight
+    cls_before = weight[0].clone()
+    init_patch_position_embeddings(model, scale=0.3)
+    assert torch.equal(weight[0], cls_before)
+    assert torch.equal(weight[1:], sincos_2d_position_embeddings(4, config.vision_config.hidden_size, 0.3))
+    head_dim = config.text_config.hidden_size // config.text_config.num_attention_heads
+    expected = 1.0 / 1e6 ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)
+    torch.testing.assert_close(model.model.language_model.rotary_emb.inv_freq, expected)

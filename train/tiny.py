@@ -7,10 +7,19 @@ The tokenizer mimics what matters of LLaVA-1.5's Llama tokenizer for our pipelin
 sequence (no `</s>` appended), `<image>` is a single special token, `</s>` ends assistant turns and `<pad>` pads.
 """
 
+import math
 from collections.abc import Iterable
 
+import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaProcessor, PreTrainedTokenizerFast
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 UNK_TOKEN = "<unk>"
@@ -153,13 +162,15 @@ def tiny_llava_config(
     text_kv_heads: int | None = None,
     text_intermediate: int = 128,
     max_position_embeddings: int = 4096,
+    rope_theta: float = 10000.0,
 ) -> LlavaConfig:
     """A LLaVA-1.5-shaped config small enough for CPU tests: CLIP vision tower + Llama LM, untied embeddings.
 
     Same structure as llava-1.5-7b-hf (feature layer -2, "default" strategy, 2-layer GELU projector with bias,
     MHA unless `text_kv_heads` asks for GQA), so each image yields `(image_size // patch_size) ** 2` vision tokens in
     the LM.
-    `vision_layers` must be >= 2 because features are read from the second-to-last layer.
+    `vision_layers` must be >= 2 because features are read from the second-to-last layer. `rope_theta` is the LM's
+    RoPE base (Llama's 10,000 by default).
     """
     if vision_layers < 2:
         raise ValueError(f"vision_layers must be >= 2 (features come from layer -2), got {vision_layers}")
@@ -186,6 +197,7 @@ def tiny_llava_config(
         num_attention_heads=text_heads,
         num_key_value_heads=text_kv_heads or text_heads,
         max_position_embeddings=max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
         rms_norm_eps=1e-5,
         pad_token_id=pad_token_id,
         bos_token_id=bos_token_id,
@@ -227,3 +239,31 @@ def tiny_llava_config_for(
         patch_size=patch_size,
         **kwargs,
     )
+
+
+def sincos_2d_position_embeddings(grid_size: int, dim: int, scale: float = 1.0) -> torch.Tensor:
+    """Fixed 2-D sin-cos codes `[grid_size ** 2, dim]` for the patches of a `grid_size` x `grid_size` grid, row-major.
+
+    The first half of the channels encodes the row, the second half the column, each as sines and cosines of
+    `dim // 4` frequencies (as in MAE / ViT-style 2-D embeddings), times `scale`. Used to start a from-scratch CLIP
+    tower with the spatial layout a pretrained one has already learned.
+    """
+    if dim % 4 != 0:
+        raise ValueError(f"dim must be a multiple of 4 (sin and cos of rows and columns), got {dim}")
+    frequencies = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    coordinates = torch.arange(grid_size, dtype=torch.float64) * (4 * math.pi / grid_size)
+    rows, columns = torch.meshgrid(coordinates, coordinates, indexing="ij")
+    codes = []
+    for coordinate in (rows.flatten(), columns.flatten()):
+        angles = coordinate[:, None] * frequencies[None, :]
+        codes += [angles.sin(), angles.cos()]
+    return (torch.cat(codes, dim=1) * scale).float()
+
+
+@torch.no_grad()
+def init_patch_position_embeddings(model: LlavaForConditionalGeneration, scale: float) -> None:
+    """Set the CLIP tower's patch position embeddings of `model` to `sincos_2d_position_embeddings` (CLS unchanged)."""
+    embeddings = model.model.vision_tower.embeddings
+    grid_size = embeddings.image_size // embeddings.patch_size
+    weight = embeddings.position_embedding.weight
+    weight[1:] = sincos_2d_position_embeddings(grid_size, weight.shape[1], scale).to(weight)

@@ -258,3 +258,13 @@ def test_generation_is_fast(tmp_path):
     start = time.perf_counter()
     synthetic.write_split(tmp_path, "train", 1000, seed=0, progress=False)
     assert time.perf_counter() - start < 5.0
+
+
+def test_question_type_of_inverts_the_templates():
+    rng = random.Random(0)
+    for question_type in synthetic.QUESTION_TYPES:
+        for _ in range(5):
+            _, (spec,) = synthetic.sample_example(rng, question_types=[question_type])
+            assert synthetic.question_type_of(spec.text) == question_type
+    with pytest.raises(ValueError, match="not a question"):
+        synthetic.question_type_of("how many shapes are there ?")

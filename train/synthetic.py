@@ -177,6 +177,18 @@ class QuestionSpec:
         )
 
 
+def question_type_of(text: str) -> str:
+    """The question type (one of `QUESTION_TYPES`) whose template produced `text`, e.g. for per-type accuracy."""
+    choices = {"position": POSITIONS, "color": COLORS, "shape": SHAPES, "relation": RELATIONS}
+    for question_type, template in _QUESTION_TEMPLATES.items():
+        pattern = re.escape(template)
+        for placeholder, words in choices.items():
+            pattern = pattern.replace(re.escape(f"{{{placeholder}}}"), "(?:" + "|".join(map(re.escape, words)) + ")")
+        if re.fullmatch(pattern, text.strip()):
+            return question_type
+    raise ValueError(f"{text!r} is not a question of this data set (types {list(QUESTION_TYPES)}).")
+
+
 def vocabulary() -> list[str]:
     """Every word that can appear in a question or an answer, sorted ("?" included; `<image>` is not)."""
     words = set(ANSWERS) | {"?"}

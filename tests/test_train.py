@@ -34,6 +34,7 @@ from train.args import AdscTrainConfig
 from train.convert import CorruptCheckpointError
 from train.cost import format_schedule
 from train.curriculum import phase_at
+from train.data import IGNORE_INDEX
 from train.tiny import PROMPT_WORDS, SPECIAL_TOKENS, build_tiny_processor, tiny_llava_config_for
 from train.trainer import run_training
 
@@ -374,6 +375,18 @@ def test_resume_from_a_mid_phase_checkpoint_continues_identically(run, workspace
 
 class InterruptedSave(RuntimeError):
     pass
+
+
+def test_assistant_only_loss_false_supervises_the_prompts_too(workspace, tmp_path):
+    image_token_id = workspace.processor.image_token_id
+    for assistant_only, expect_prompts_supervised in ((True, False), (False, True)):
+        config = train_config(workspace, tmp_path / str(assistant_only), assistant_only_loss=assistant_only)
+        trainer, _, _ = trainer_module.build_trainer(config)
+        sample = trainer.train_dataset[0]
+        text = sample["input_ids"] != image_token_id
+        supervised = sample["labels"] != IGNORE_INDEX
+        assert bool(supervised[text].all()) is expect_prompts_supervised
+        assert not supervised[~text].any()  # image placeholders never
 
 
 def test_an_interrupted_save_never_becomes_the_last_checkpoint(workspace, tmp_path, monkeypatch):

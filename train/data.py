@@ -535,8 +535,8 @@ class LlavaInstructDataset(Dataset):
             return_tensors="pt",
         )
         input_ids = encoding["input_ids"][0]
-        spans = _shift_spans(rendered.assistant_spans, encoding["text_replacement_offsets"][0])
         if self.assistant_only_loss:
+            spans = _shift_spans(rendered.assistant_spans, encoding["text_replacement_offsets"][0])
             labels = labels_from_spans(input_ids, encoding["offset_mapping"][0], spans)
         else:
             labels = input_ids.masked_fill(input_ids == self.image_token_id, IGNORE_INDEX)

@@ -177,14 +177,22 @@ class QuestionSpec:
         )
 
 
+def _template_pattern(template: str) -> re.Pattern:
+    """`template` as a regex whose placeholders match exactly the words they can be filled with."""
+    choices = {"position": POSITIONS, "color": COLORS, "shape": SHAPES, "relation": RELATIONS}
+    pattern = re.escape(template)
+    for placeholder, words in choices.items():
+        pattern = pattern.replace(re.escape(f"{{{placeholder}}}"), "(?:" + "|".join(map(re.escape, words)) + ")")
+    return re.compile(pattern)
+
+
+_QUESTION_PATTERNS = {question_type: _template_pattern(t) for question_type, t in _QUESTION_TEMPLATES.items()}
+
+
 def question_type_of(text: str) -> str:
     """The question type (one of `QUESTION_TYPES`) whose template produced `text`, e.g. for per-type accuracy."""
-    choices = {"position": POSITIONS, "color": COLORS, "shape": SHAPES, "relation": RELATIONS}
-    for question_type, template in _QUESTION_TEMPLATES.items():
-        pattern = re.escape(template)
-        for placeholder, words in choices.items():
-            pattern = pattern.replace(re.escape(f"{{{placeholder}}}"), "(?:" + "|".join(map(re.escape, words)) + ")")
-        if re.fullmatch(pattern, text.strip()):
+    for question_type, pattern in _QUESTION_PATTERNS.items():
+        if pattern.fullmatch(text.strip()):
             return question_type
     raise ValueError(f"{text!r} is not a question of this data set (types {list(QUESTION_TYPES)}).")
 

@@ -142,6 +142,10 @@ def test_tiny_llava_config_builds_a_working_model(tokenizer):
 def test_tiny_llava_config_validates_arguments():
     with pytest.raises(ValueError, match="vision_layers"):
         tiny_llava_config(vocab_size=32, image_token_id=4, pad_token_id=3, vision_layers=1)
+    with pytest.raises(ValueError, match="vision_feature_layer"):
+        tiny_llava_config(vocab_size=32, image_token_id=4, pad_token_id=3, vision_layers=2, vision_feature_layer=-3)
+    with pytest.raises(ValueError, match="vision_feature_layer"):
+        tiny_llava_config(vocab_size=32, image_token_id=4, pad_token_id=3, vision_feature_layer=0)
     with pytest.raises(ValueError, match="must lie in"):
         tiny_llava_config(vocab_size=32, image_token_id=40, pad_token_id=3)
 
@@ -176,3 +180,25 @@ def test_init_patch_position_embeddings_keeps_cls_and_rope_theta_reaches_the_mod
     head_dim = config.text_config.hidden_size // config.text_config.num_attention_heads
     expected = 1.0 / 1e6 ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)
     torch.testing.assert_close(model.model.language_model.rotary_emb.inv_freq, expected)
+
+
+def test_last_layer_features_and_initializer_range_reach_the_model():
+    config = tiny_llava_config(
+        32, 30, 31, image_size=16, patch_size=4, vision_layers=1, vision_feature_layer=-1, text_initializer_range=0.1
+    )
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config).eval()
+    pixel_values = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        last = model.model.vision_tower(pixel_values).last_hidden_state[:, 1:]
+        features = model.model.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
+    # The one CLIP layer's output (CLS dropped, before CLIP's post-layernorm) goes through the projector.
+    torch.testing.assert_close(torch.cat(list(features)), model.model.multi_modal_projector(last)[0])
+    # The LM and the projector start at std 0.1 instead of Llama's 0.02; the CLIP tower keeps its own init.
+    for weight in (
+        model.model.language_model.layers[0].self_attn.q_proj.weight,
+        model.lm_head.weight,
+        model.model.multi_modal_projector.linear_1.weight,
+    ):
+        assert 0.08 < weight.std().item() < 0.12
+    assert model.model.vision_tower.embeddings.patch_embedding.weight.std().item() < 0.05

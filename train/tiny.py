@@ -163,17 +163,25 @@ def tiny_llava_config(
     text_intermediate: int = 128,
     max_position_embeddings: int = 4096,
     rope_theta: float = 10000.0,
+    text_initializer_range: float = 0.02,
+    vision_feature_layer: int = -2,
 ) -> LlavaConfig:
     """A LLaVA-1.5-shaped config small enough for CPU tests: CLIP vision tower + Llama LM, untied embeddings.
 
     Same structure as llava-1.5-7b-hf (feature layer -2, "default" strategy, 2-layer GELU projector with bias,
     MHA unless `text_kv_heads` asks for GQA), so each image yields `(image_size // patch_size) ** 2` vision tokens in
     the LM.
-    `vision_layers` must be >= 2 because features are read from the second-to-last layer. `rope_theta` is the LM's
-    RoPE base (Llama's 10,000 by default).
+    `vision_feature_layer` is the CLIP layer whose output feeds the projector (LLaVA-1.5's -2, the second-to-last;
+    -1 lets a shallow from-scratch tower use all its layers), so `vision_layers` must be >= -vision_feature_layer.
+    `rope_theta` is the LM's RoPE base (Llama's 10,000 by default).
+    `text_initializer_range` is the std of the LM's and projector's initial weights (Llama's 0.02, tuned for
+    4096-wide models; a narrow model trained from scratch learns faster from a larger one).
     """
-    if vision_layers < 2:
-        raise ValueError(f"vision_layers must be >= 2 (features come from layer -2), got {vision_layers}")
+    if not -vision_layers <= vision_feature_layer <= -1:
+        raise ValueError(
+            f"vision_feature_layer must lie in [-{vision_layers}, -1] for a {vision_layers}-layer tower, "
+            f"got {vision_feature_layer} (vision_layers must be >= -vision_feature_layer)"
+        )
     if image_size % patch_size != 0:
         raise ValueError(f"image_size ({image_size}) must be a multiple of patch_size ({patch_size})")
     if not 0 <= image_token_id < vocab_size or not 0 <= pad_token_id < vocab_size:
@@ -203,6 +211,7 @@ def tiny_llava_config(
         bos_token_id=bos_token_id,
         eos_token_id=eos_token_id,
         tie_word_embeddings=False,
+        initializer_range=text_initializer_range,
     )
     return LlavaConfig(
         vision_config=vision_config,
@@ -211,7 +220,7 @@ def tiny_llava_config(
         image_seq_length=(image_size // patch_size) ** 2,
         projector_hidden_act="gelu",
         vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
+        vision_feature_layer=vision_feature_layer,
         tie_word_embeddings=False,
         pad_token_id=pad_token_id,
     )

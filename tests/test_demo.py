@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,3 +45,14 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     )
     assert rerun.returncode == 0 and "Base model: reusing" in rerun.stdout
     assert json.loads((out / "results.json").read_text()) == results
+
+
+def test_cache_key_follows_the_recipe_and_the_data_generator(monkeypatch):
+    from train import demo, synthetic
+
+    key = demo.recipe_key(demo.FULL)
+    assert demo.recipe_key(demo.FULL) == key
+    assert demo.recipe_key(replace(demo.FULL, base_steps=demo.FULL.base_steps + 1)) != key
+    # Drawing scenes differently must not reuse data (and a base model) cached from the old drawings.
+    monkeypatch.setattr(synthetic, "MIN_SCALE", synthetic.MIN_SCALE - 0.01)
+    assert demo.recipe_key(demo.FULL) != key

@@ -74,6 +74,19 @@ _QUESTION_TEMPLATES = {
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
+def generator_settings() -> dict:
+    """Everything besides the seed and the split sizes that fixes the generated data (for cache keys)."""
+    return {
+        "grid_size": GRID_SIZE,
+        "colors": COLORS,
+        "shapes": SHAPES,
+        "scale": [MIN_SCALE, MAX_SCALE],
+        "max_offset": MAX_OFFSET,
+        "background": BACKGROUND,
+        "templates": _QUESTION_TEMPLATES,
+    }
+
+
 @dataclass(frozen=True)
 class Shape:
     """One shape of a scene.

@@ -168,9 +168,9 @@ def tiny_llava_config(
 ) -> LlavaConfig:
     """A LLaVA-1.5-shaped config small enough for CPU tests: CLIP vision tower + Llama LM, untied embeddings.
 
-    Same structure as llava-1.5-7b-hf (feature layer -2, "default" strategy, 2-layer GELU projector with bias,
-    MHA unless `text_kv_heads` asks for GQA), so each image yields `(image_size // patch_size) ** 2` vision tokens in
-    the LM.
+    Same structure as llava-1.5-7b-hf (feature layer -2 by default, "default" strategy, 2-layer GELU projector with
+    bias, MHA unless `text_kv_heads` asks for GQA), so each image yields `(image_size // patch_size) ** 2` vision
+    tokens in the LM.
     `vision_feature_layer` is the CLIP layer whose output feeds the projector (LLaVA-1.5's -2, the second-to-last;
     -1 lets a shallow from-scratch tower use all its layers), so `vision_layers` must be >= -vision_feature_layer.
     `rope_theta` is the LM's RoPE base (Llama's 10,000 by default).

@@ -56,3 +56,20 @@ def test_cache_key_follows_the_recipe_and_the_data_generator(monkeypatch):
     # Drawing scenes differently must not reuse data (and a base model) cached from the old drawings.
     monkeypatch.setattr(synthetic, "MIN_SCALE", synthetic.MIN_SCALE - 0.01)
     assert demo.recipe_key(demo.FULL) != key
+
+
+def test_base_training_uses_base_threads_and_restores_the_setting(tmp_path, monkeypatch):
+    import torch
+
+    from train import demo
+
+    seen = []
+    monkeypatch.setattr(demo, "run_training", lambda config: seen.append(torch.get_num_threads()) or tmp_path)
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 8)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        demo.train_base_model(tmp_path / "cache", replace(demo.QUICK, base_threads=2), tmp_path / "train.json")
+        assert seen == [2] and torch.get_num_threads() == 1  # the LoRA runs that follow stay on one thread
+    finally:
+        torch.set_num_threads(before)

@@ -219,6 +219,15 @@ def test_vocabulary_covers_exactly_the_words_used():
     assert synthetic.IMAGE_TOKEN not in vocabulary
 
 
+def test_every_position_name_is_a_row_word_then_a_column_word():
+    # The demo's model reads a cell from two words; none has to be inferred from a word that is missing.
+    assert len(set(synthetic.POSITIONS)) == synthetic.NUM_CELLS
+    for cell, name in enumerate(synthetic.POSITIONS):
+        row_word, column_word = name.split()
+        assert synthetic.ROW_WORDS.index(row_word) == cell // synthetic.GRID_SIZE
+        assert synthetic.COLUMN_WORDS.index(column_word) == cell % synthetic.GRID_SIZE
+
+
 def test_answer_rejects_questions_without_a_unique_answer():
     row = synthetic.Scene(
         shapes=(
@@ -230,7 +239,7 @@ def test_answer_rejects_questions_without_a_unique_answer():
     assert synthetic.answer(row, synthetic.QuestionSpec("relation", color="blue", shape="square", relation="left of"))
     with pytest.raises(ValueError, match="2 shapes are left of"):
         synthetic.answer(row, synthetic.QuestionSpec("relation", color="green", shape="triangle", relation="left of"))
-    with pytest.raises(ValueError, match="No shape at the center"):
+    with pytest.raises(ValueError, match="No shape at the middle center"):
         synthetic.answer(row, synthetic.QuestionSpec("color_at", cell=4))
     with pytest.raises(ValueError, match="no yellow circle"):
         synthetic.answer(row, synthetic.QuestionSpec("relation", color="yellow", shape="circle", relation="above"))

@@ -7,7 +7,7 @@ one scene share a (colour, shape) pair, so "the red circle" always names a singl
 Question types (the answer always needs the image, and is one word of a closed vocabulary):
 
 - `color_at`: "what color is the shape at the top left ?" -> a colour
-- `shape_at`: "what shape is at the center ?" -> a shape
+- `shape_at`: "what shape is at the middle center ?" -> a shape
 - `exists`: "is there a blue square ?" -> "yes" / "no"
 - `relation`: "what shape is left of the red circle ?" -> a shape. "left of" means: in the same row, on the left;
   the question is only asked when exactly one shape is there (likewise "right of", "above", "below" in the column).
@@ -24,7 +24,7 @@ from `vocabulary()` covers everything (the `<image>` placeholder is the processo
 Records follow the LLaVA-InstructionMix-665K format; `image` is relative to the directory holding the JSON file::
 
     {"id": "train_000000", "image": "images/train/000000.png",
-     "conversations": [{"from": "human", "value": "<image>\\nwhat shape is at the center ?"},
+     "conversations": [{"from": "human", "value": "<image>\\nwhat shape is at the middle center ?"},
                        {"from": "gpt", "value": "circle"}]}
 """
 
@@ -51,8 +51,12 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "yellow": (235, 200, 40),
 }
 SHAPES = ("circle", "square", "triangle")
-# Position words of the 3 x 3 cells, row-major: cell index = row * 3 + column.
-POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+# Names of the 3 x 3 cells, row-major (cell index = row * 3 + column), as a word processor's alignment grid names
+# them: always a row word, then a column word. With "top", "left", "center" instead of "top center", "middle left",
+# "middle center", a model must infer the middle row or column from a word that is *not* there; the tiny from-scratch
+# demo model (same seed and steps) found the colour at a position 79% of the time with these names, 63% without.
+ROW_WORDS, COLUMN_WORDS = ("top", "middle", "bottom"), ("left", "center", "right")
+POSITIONS = tuple(f"{row} {column}" for row in ROW_WORDS for column in COLUMN_WORDS)
 # (row step, column step) from the referenced shape towards the shape asked about.
 RELATIONS: dict[str, tuple[int, int]] = {"left of": (0, -1), "right of": (0, 1), "above": (-1, 0), "below": (1, 0)}
 QUESTION_TYPES = ("color_at", "shape_at", "exists", "relation")
@@ -60,8 +64,10 @@ YES_NO = ("yes", "no")
 ANSWERS = (*COLORS, *SHAPES, *YES_NO)
 
 # Shape size as a fraction of the cell side, and the largest centre offset (fraction of the cell side). With these
-# bounds every shape stays inside its own cell and covers the cell centre.
-MIN_SCALE, MAX_SCALE = 0.55, 0.8
+# bounds every shape stays inside its own cell and covers the cell centre. Sizes vary by only +-5%, so a circle also
+# covers clearly less area than a square (at 48 px: 112-148 vs 144-196 px): with sizes free over 0.55-0.8 their areas
+# overlap and the tiny from-scratch demo model told circles from squares barely better than chance.
+MIN_SCALE, MAX_SCALE = 0.72, 0.8
 MAX_OFFSET = 0.06
 MIN_IMAGE_SIZE = 12
 
@@ -78,6 +84,7 @@ def generator_settings() -> dict:
     """Everything besides the seed and the split sizes that fixes the generated data (for cache keys)."""
     return {
         "grid_size": GRID_SIZE,
+        "positions": POSITIONS,
         "colors": COLORS,
         "shapes": SHAPES,
         "scale": [MIN_SCALE, MAX_SCALE],
@@ -102,7 +109,7 @@ class Shape:
     color: str
     kind: str
     cell: int
-    scale: float = 0.7
+    scale: float = 0.76
     dx: float = 0.0
     dy: float = 0.0
 

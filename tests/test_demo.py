@@ -35,7 +35,7 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     assert "| ADSC + LoRA (reverse) |" in (out / "results.md").read_text()
     assert (out / "accuracy_vs_tokens.png").stat().st_size > 1000
     assert (out / "new_image.png").is_file() and "New image" in completed.stdout
-    # A rerun reuses the cached data, base model and fine-tuned models, and reproduces the numbers.
+    # A rerun reuses the cached data and base model, fine-tunes again and reproduces the numbers.
     rerun = subprocess.run(
         [sys.executable, "-m", "train.demo", "--quick", "--output-dir", "out", "--cache-dir", "cache"],
         cwd=tmp_path,
@@ -56,6 +56,22 @@ def test_cache_key_follows_the_recipe_and_the_data_generator(monkeypatch):
     # Drawing scenes differently must not reuse data (and a base model) cached from the old drawings.
     monkeypatch.setattr(synthetic, "MIN_SCALE", synthetic.MIN_SCALE - 0.01)
     assert demo.recipe_key(demo.FULL) != key
+    monkeypatch.undo()
+    monkeypatch.setattr(synthetic, "POSITIONS", tuple(reversed(synthetic.POSITIONS)))
+    assert demo.recipe_key(demo.FULL) != key
+
+
+def test_fine_tuning_never_reuses_a_model_left_by_an_earlier_run(tmp_path, monkeypatch):
+    from train import demo
+
+    stale = tmp_path / "adsc-32-reverse" / "final"
+    stale.mkdir(parents=True)
+    (stale / "config.json").write_text("{}")  # e.g. fine-tuned from the base model of another recipe
+    calls = []
+    monkeypatch.setattr(demo, "run_training", lambda config: calls.append(config) or Path(config.output_dir) / "final")
+    out = demo.fine_tune(tmp_path / "base", tmp_path / "train.json", stale.parent, demo.QUICK, 32.0, "reverse")
+    assert len(calls) == 1 and calls[0].budget == 32.0 and calls[0].curriculum == "reverse"
+    assert out == stale and not stale.exists()  # trained afresh into an emptied folder
 
 
 def test_base_training_uses_base_threads_and_restores_the_setting(tmp_path, monkeypatch):

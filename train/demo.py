@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -334,10 +335,11 @@ def evaluate_row(
 
 
 def fine_tune(base: Path, train_json: Path, out: Path, recipe: DemoRecipe, budget: float, curriculum: str) -> Path:
-    """ADSC + LoRA at `budget` with `curriculum` through `python -m train`'s `run_training`."""
-    final = out / "final"
-    if (final / "config.json").exists():
-        return final
+    """ADSC + LoRA at `budget` with `curriculum` through `python -m train`'s `run_training`.
+
+    Always trained afresh (a minute in all): a model left in `out` by an earlier run may come from another base.
+    """
+    shutil.rmtree(out, ignore_errors=True)
     return run_training(
         train_config(
             recipe,

@@ -340,7 +340,8 @@ def evaluate_row(
 def fine_tune(base: Path, train_json: Path, out: Path, recipe: DemoRecipe, budget: float, curriculum: str) -> Path:
     """ADSC + LoRA at `budget` with `curriculum` through `python -m train`'s `run_training`.
 
-    Always trained afresh (a minute in all): a model left in `out` by an earlier run may come from another base.
+    Always trained afresh (about 100 s for all five): a model left in `out` by an earlier run may come from another
+    base.
     """
     shutil.rmtree(out, ignore_errors=True)
     return run_training(

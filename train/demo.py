@@ -343,7 +343,8 @@ def fine_tune(base: Path, train_json: Path, out: Path, recipe: DemoRecipe, budge
     Always trained afresh (about 100 s for all five): a model left in `out` by an earlier run may come from another
     base.
     """
-    shutil.rmtree(out, ignore_errors=True)
+    if out.exists():
+        shutil.rmtree(out)  # an undeletable folder fails here, not later as a half-stale run
     return run_training(
         train_config(
             recipe,

@@ -23,6 +23,9 @@ PAPER_NUM_LAYERS = 32
 # Written into every config.json so that `trust_remote_code=True` finds the classes in the checkpoint's own copies of
 # the two modeling files. AutoModel maps to the generation class too, not to the bare `AdscLlavaModel`: lmms-eval's
 # generic model loader falls back to AutoModel and then calls `generate()`.
+# Keys of a saved config that name the class rather than describe the model; a config of another class drops them.
+REMOTE_CODE_KEYS = ("model_type", "architectures", "auto_map", "transformers_version")
+
 ADSC_AUTO_MAP = {
     "AutoConfig": "configuration_adsc_llava.AdscLlavaConfig",
     "AutoModel": "modeling_adsc_llava.AdscLlavaForConditionalGeneration",
@@ -188,6 +191,47 @@ class AdscLlavaConfig(LlavaConfig):
         tokens_per_layer = self.vision_tokens_per_layer(num_vision_tokens)
         return sum(tokens_per_layer) / len(tokens_per_layer)
 
+    @property
+    def schedule(self) -> dict:
+        """The pruning schedule as config keys: `{"adsc_pruning_layers": [...], "adsc_drop_ratio": r}`.
+
+        `model.config.update(other.schedule)` switches a loaded model to another config's schedule.
+        """
+        return {"adsc_pruning_layers": list(self.adsc_pruning_layers), "adsc_drop_ratio": self.adsc_drop_ratio}
+
+    def with_budget(self, budget: float | None, pruning_layers: list[int] | None = None) -> "AdscLlavaConfig":
+        """A copy of this config whose schedule reaches `budget` average vision tokens per layer.
+
+        Args:
+            budget: target mean, over all decoder layers, of the vision tokens per image each layer sees, for an
+                image of `image_seq_length` tokens (e.g. 192 of 576). `r` is the smallest drop ratio that does not
+                exceed it (`solve_drop_ratio`). None: no pruning (an empty schedule).
+            pruning_layers: the pruning layers; default this config's own, or, if it has none, the paper's
+                `[2, 8, 16, 24]` scaled to the depth (`default_pruning_layers`).
+
+        Raises:
+            ValueError: for malformed layers, or a budget they cannot reach (the message gives the reachable range).
+        """
+        num_layers = self.text_config.num_hidden_layers
+        if budget is None:
+            pruning_layers, drop_ratio = [], 0.0
+        else:
+            if pruning_layers is None:
+                pruning_layers = self.adsc_pruning_layers or default_pruning_layers(num_layers)
+            pruning_layers = list(pruning_layers)
+            validate_schedule(num_layers, pruning_layers, 0.0)
+            drop_ratio = solve_drop_ratio(num_layers, pruning_layers, self.image_seq_length, budget)
+        config_dict = self.to_dict()
+        config_dict.update(adsc_pruning_layers=pruning_layers, adsc_drop_ratio=drop_ratio)
+        return type(self).from_dict(config_dict)
+
+    def to_llava_config(self) -> LlavaConfig:
+        """The stock `LlavaConfig` of the same model: every field but the schedule and the remote-code keys."""
+        config_dict = self.to_dict()
+        for key in (*self.schedule, *REMOTE_CODE_KEYS):
+            config_dict.pop(key, None)
+        return LlavaConfig(**config_dict)
+
     @classmethod
     def from_llava_config(
         cls,
@@ -203,23 +247,22 @@ class AdscLlavaConfig(LlavaConfig):
             llava_config: the stock (or ADSC) LLaVA config; all its fields are kept.
             pruning_layers: the pruning layers; defaults to the paper's `[2, 8, 16, 24]` scaled to the depth.
             drop_ratio: the drop ratio `r`. Give this or `budget`, not both; neither means no pruning.
-            budget: target average vision tokens per layer (e.g. 192 of 576); `r` is solved with
-                `solve_drop_ratio` for `pruning_layers`.
+            budget: target average vision tokens per layer (e.g. 192 of 576), solved by `with_budget`.
         """
         if drop_ratio is not None and budget is not None:
             raise ValueError("Give either drop_ratio or budget, not both.")
         config_dict = llava_config.to_dict()
-        for key in ("model_type", "architectures", "auto_map", "transformers_version"):
+        for key in REMOTE_CODE_KEYS:
             config_dict.pop(key, None)
-        num_layers = llava_config.text_config.num_hidden_layers
-        if pruning_layers is None:
-            pruning_layers = default_pruning_layers(num_layers) if (drop_ratio or budget is not None) else []
-        pruning_layers = list(pruning_layers)
-        validate_schedule(num_layers, pruning_layers, drop_ratio or 0.0)
+        config_dict.update(adsc_pruning_layers=[], adsc_drop_ratio=0.0)
+        config = cls(**config_dict)
         if budget is not None:
-            drop_ratio = solve_drop_ratio(num_layers, pruning_layers, llava_config.image_seq_length, budget)
-        config_dict.update(adsc_pruning_layers=pruning_layers, adsc_drop_ratio=drop_ratio or 0.0)
-        return cls(**config_dict)
+            return config.with_budget(budget, pruning_layers)
+        if pruning_layers is None:
+            pruning_layers = default_pruning_layers(config.text_config.num_hidden_layers) if drop_ratio else []
+        config.update({"adsc_pruning_layers": list(pruning_layers), "adsc_drop_ratio": float(drop_ratio or 0.0)})
+        validate_schedule(config.text_config.num_hidden_layers, config.adsc_pruning_layers, config.adsc_drop_ratio)
+        return config
 
 
 # `save_pretrained` copies this file next to config.json (transformers' `custom_object_save`) for remote code.

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 from transformers import LlavaForConditionalGeneration, LlavaModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
@@ -37,6 +38,15 @@ from .configuration_adsc_llava import AdscLlavaConfig, num_kept_tokens, validate
 # Text models whose decoder layers take `(hidden_states, attention_mask, position_embeddings, cache)` and whose model
 # forward does nothing else than embed -> layers -> norm: the layer loop below is exactly their forward.
 SUPPORTED_TEXT_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+# `torch.profiler` ranges around ADSC's own work, so any profiler trace shows what pruning costs. Stock LLaVA builds
+# one causal mask per forward too; every further "stage_mask" range is ADSC's.
+PROFILER_RANGES = {
+    "image_offsets": "adsc::image_token_offsets",
+    "prune": "adsc::prune_vision_tokens",
+    "stage_mask": "adsc::stage_causal_mask",
+    "gather_outputs": "adsc::gather_outputs",
+}
 
 # Name of the attribute holding, on a cache filled by ADSC, the padding mask of the keys cached in each stage.
 CACHE_KEY_MASKS_ATTRIBUTE = "adsc_key_masks"
@@ -277,7 +287,9 @@ class AdscLlavaModel(LlavaModel):
                 f"({len(image_outputs.pooler_output)} images x {tokens_per_image})."
             )
         inputs_embeds = inputs_embeds.masked_scatter(image_token_mask[..., None], image_features)
-        return inputs_embeds, image_token_offsets(image_token_mask, tokens_per_image), tokens_per_image
+        with record_function(PROFILER_RANGES["image_offsets"]):
+            image_offsets = image_token_offsets(image_token_mask, tokens_per_image)
+        return inputs_embeds, image_offsets, tokens_per_image
 
     def image_token_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor) -> torch.BoolTensor:
         """`(batch, seq)` mask of the image placeholder tokens (from ids, or from embeddings as stock LLaVA does)."""
@@ -335,13 +347,17 @@ class AdscLlavaModel(LlavaModel):
         for layer_idx, decoder_layer in enumerate(language_model.layers[: config.text_config.num_hidden_layers]):
             if layer_idx == 0 or layer_idx in pruning_layers:
                 if layer_idx > 0 and has_vision_tokens:
-                    dropped_outputs = scatter_to_input_positions(dropped_outputs, stream, sequence_length)
-                    keep_pattern = vision_keep_pattern(alive_per_image, config.adsc_drop_ratio, inputs_embeds.device)
-                    stream = prune_vision_tokens(stream, keep_pattern)
-                    alive_per_image = int(keep_pattern.sum())
-                    has_vision_tokens = alive_per_image > 0
-                    position_embeddings = language_model.rotary_emb(stream.hidden_states, stream.position_ids)
-                causal_mask = self.stage_causal_mask(stream, cache, layer_idx, attention_mask)
+                    with record_function(PROFILER_RANGES["prune"]):
+                        dropped_outputs = scatter_to_input_positions(dropped_outputs, stream, sequence_length)
+                        keep_pattern = vision_keep_pattern(
+                            alive_per_image, config.adsc_drop_ratio, inputs_embeds.device
+                        )
+                        stream = prune_vision_tokens(stream, keep_pattern)
+                        alive_per_image = int(keep_pattern.sum())
+                        has_vision_tokens = alive_per_image > 0
+                        position_embeddings = language_model.rotary_emb(stream.hidden_states, stream.position_ids)
+                with record_function(PROFILER_RANGES["stage_mask"]):
+                    causal_mask = self.stage_causal_mask(stream, cache, layer_idx, attention_mask)
             # position_ids are deliberately not passed: the RoPE above carries them, and flash-attention would read
             # the gaps left by dropped tokens as boundaries of packed sequences.
             hidden_states = decoder_layer(
@@ -355,8 +371,9 @@ class AdscLlavaModel(LlavaModel):
             stream = replace(stream, hidden_states=hidden_states)
 
         if dropped_outputs is not None:
-            outputs = scatter_to_input_positions(dropped_outputs, stream, sequence_length)
-            hidden_states = outputs.view(batch_size, sequence_length + 1, -1)[:, :sequence_length]
+            with record_function(PROFILER_RANGES["gather_outputs"]):
+                outputs = scatter_to_input_positions(dropped_outputs, stream, sequence_length)
+                hidden_states = outputs.view(batch_size, sequence_length + 1, -1)[:, :sequence_length]
         return language_model.norm(hidden_states), cache
 
     def stage_causal_mask(

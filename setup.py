@@ -1,7 +1,9 @@
 """adsc-llava: Attention-Driven Self-Compression for LLaVA models on the Hugging Face hub.
 
-The two modeling files stay at the repository's top level because every checkpoint ships them as remote code;
-the `adsc_llava` package imports them from there in a source checkout, and `build_py` copies them into it for wheels.
+Everything installs inside the one package `adsc_llava`: the top-level folders `train/`, `benchmarks/` and
+`examples/shapes_demo/` become its subpackages `train`, `benchmarks` and `shapes_demo` (`package_dir`). The two
+modeling files and the model card template stay at the repository's top level because every checkpoint ships them;
+a source checkout imports them from there (`adsc_llava/__init__.py`), and `build_py` copies them into wheels.
 """
 
 from pathlib import Path
@@ -9,21 +11,28 @@ from pathlib import Path
 from setuptools import setup
 from setuptools.command.build_py import build_py
 
-SHIPPED_MODELING_FILES = ("configuration_adsc_llava.py", "modeling_adsc_llava.py")
+# Top-level files that checkpoints carry (the modeling code, the model card template) and wheels copy in.
+SHIPPED_FILES = ("configuration_adsc_llava.py", "modeling_adsc_llava.py", "model_card.md")
+# Subpackage -> its folder in the source tree.
+SUBPACKAGE_FOLDERS = {
+    "adsc_llava.train": "train",
+    "adsc_llava.benchmarks": "benchmarks",
+    "adsc_llava.shapes_demo": "examples/shapes_demo",
+}
 # Oldest transformers release the test suite passes on (tests/test_packaging.py checks this is what is installed
 # or newer; the release notes in README.md say how it was found).
 MIN_TRANSFORMERS = "5.24.0"
 
 
-class BuildPyWithModelingFiles(build_py):
-    """Also copy the top-level modeling files into the built `adsc_llava` package."""
+class BuildPyWithShippedFiles(build_py):
+    """Also copy the top-level shipped files into the built `adsc_llava` package."""
 
     def run(self):
         super().run()
         if self.editable_mode:  # an editable install imports them from the source tree (adsc_llava/__init__.py)
             return
         self.mkpath(str(Path(self.build_lib) / "adsc_llava"))
-        for name in SHIPPED_MODELING_FILES:
+        for name in SHIPPED_FILES:
             self.copy_file(name, str(Path(self.build_lib) / "adsc_llava" / name))
 
 
@@ -35,9 +44,11 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["adsc_llava", "train"],
-    package_data={"train": ["configs/*.json", "*.json"]},
-    cmdclass={"build_py": BuildPyWithModelingFiles},
+    packages=["adsc_llava", *SUBPACKAGE_FOLDERS],
+    package_dir=SUBPACKAGE_FOLDERS,
+    package_data={"adsc_llava": ["configs/*.json"], "adsc_llava.train": ["*.json"]},
+    cmdclass={"build_py": BuildPyWithShippedFiles},
+    entry_points={"console_scripts": ["adsc-llava = adsc_llava.cli:main"]},
     install_requires=[
         "torch>=2.4",
         f"transformers>={MIN_TRANSFORMERS},<6",

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlavaConfig, LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration
 
 from adsc_llava import AdscLlavaConfig, AdscLlavaForConditionalGeneration
-from train.tiny import tiny_llava_config
+from adsc_llava.testing import tiny_llava_config
 
 # The test models are tiny: a second thread costs more in synchronisation than it saves, and on a shared 2-core
 # machine it makes every step wait for a preempted thread (measured 10-100x slower).
@@ -62,10 +62,7 @@ def tiny_adsc_model(seed: int = 0, **config_kwargs) -> AdscLlavaForConditionalGe
 
 def stock_twin(model: AdscLlavaForConditionalGeneration) -> LlavaForConditionalGeneration:
     """A stock LLaVA with the same config (minus the schedule) and the same weights."""
-    config_dict = model.config.to_dict()
-    for key in ("adsc_pruning_layers", "adsc_drop_ratio", "model_type", "architectures", "auto_map"):
-        config_dict.pop(key, None)
-    stock_config = LlavaConfig(**config_dict)
+    stock_config = model.config.to_llava_config()
     stock_config._attn_implementation = model.config._attn_implementation
     stock = LlavaForConditionalGeneration(stock_config).eval()
     stock.load_state_dict(model.state_dict())

@@ -10,10 +10,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoProcessor, LlamaConfig, LlavaForConditionalGeneration
 
-from adsc_llava import AdscLlavaForConditionalGeneration
+from adsc_llava import AdscLlavaConfig, AdscLlavaForConditionalGeneration
 from adsc_llava.configuration_adsc_llava import solve_drop_ratio
-from train.convert import CorruptCheckpointError, convert_checkpoint, main
-from train.tiny import build_tiny_processor, tiny_llava_config_for
+from adsc_llava.convert import CorruptCheckpointError, convert_checkpoint, main
+from adsc_llava.testing import build_tiny_processor, tiny_llava_config_for
 
 SHIPPED_FILES = ("configuration_adsc_llava.py", "modeling_adsc_llava.py")
 PROMPT = "USER: <image>\nwhat color is the square ? ASSISTANT: red"
@@ -92,7 +92,8 @@ def test_converted_checkpoint_holds_every_weight_and_predicts_like_stock(stock, 
 
 def test_budget_from_the_command_line_solves_drop_ratio(stock, tmp_path, capsys):
     budget = 8  # of 16 vision tokens per image, 4 LLM layers
-    config = main([str(stock["folders"]["old-layout"]), str(tmp_path / "adsc"), "--budget", str(budget)])
+    assert main([str(stock["folders"]["old-layout"]), str(tmp_path / "adsc"), "--budget", str(budget)]) == 0
+    config = AdscLlavaConfig.from_pretrained(tmp_path / "adsc")
     num_layers = config.text_config.num_hidden_layers
     assert config.adsc_pruning_layers == [1, 2, 3]  # the paper's [2, 8, 16, 24] of 32 layers, scaled to 4
     assert config.adsc_drop_ratio == solve_drop_ratio(num_layers, [1, 2, 3], config.image_seq_length, budget)
@@ -110,7 +111,8 @@ def test_budget_from_the_command_line_solves_drop_ratio(stock, tmp_path, capsys)
 
 def test_drop_ratio_and_pruning_layers_from_the_command_line(stock, tmp_path):
     args = [str(stock["folders"]["saved"]), str(tmp_path / "adsc"), "--drop-ratio", "0.5", "--pruning-layers", "2"]
-    config = main(args)
+    assert main(args) == 0
+    config = AdscLlavaConfig.from_pretrained(tmp_path / "adsc")
     assert (config.adsc_pruning_layers, config.adsc_drop_ratio) == ([2], 0.5)
     assert config.vision_tokens_per_layer() == [16, 16, 8, 8]
 

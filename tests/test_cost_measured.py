@@ -1,4 +1,4 @@
-"""ADSC-LLaVA measured against the analytic cost model (`train.cost`), and a smoke run of `train.benchmark`.
+"""ADSC-LLaVA measured against the analytic cost model (`adsc_llava.cost`), and a smoke run of `adsc-llava bench`.
 
 `FlopCounterMode` (eager attention on CPU: it does not count the CPU sdpa kernel) counts exactly the analytic FLOPs of
 every component of tiny and small random ADSC models, under several schedules, in a prefill, in each decode step
@@ -18,10 +18,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPVisionConfig, LlamaConfig
 
-from adsc_llava import AdscLlavaConfig, AdscLlavaForConditionalGeneration, modeling_adsc_llava
+from adsc_llava import AdscLlavaConfig, AdscLlavaForConditionalGeneration
+from adsc_llava.benchmarks import speed as benchmark
 from adsc_llava.configuration_adsc_llava import default_pruning_layers
-from train import benchmark
-from train.cost import LlavaDims, estimate_cost, lm_head_flops, schedule_for_budget
+from adsc_llava.cost import LlavaDims, estimate_cost, lm_head_flops
 
 from conftest import IMAGE_TOKEN_ID, PAD_TOKEN_ID, TOKENS_PER_IMAGE, make_batch, stock_twin, tiny_adsc_model
 
@@ -110,7 +110,7 @@ def build_case(name: str) -> tuple[AdscLlavaForConditionalGeneration, dict[str, 
         if "budget" in case:
             pruning_layers = default_pruning_layers(SMALL_NUM_LAYERS)
             reference = small_adsc_model([], 0.0).config
-            drop_ratio, _ = schedule_for_budget(reference, case["budget"], pruning_layers)
+            drop_ratio = reference.with_budget(case["budget"], pruning_layers).adsc_drop_ratio
         model = small_adsc_model(pruning_layers, drop_ratio)
         inputs = small_inputs(model, case["num_images"])
     dtype = case.get("dtype", torch.float32)
@@ -234,7 +234,7 @@ def test_tiny_constants_match_the_cases():
 
 
 # --------------------------------------------------------------------------------------------------------------
-# train.benchmark: a smoke run on the tiny preset (not a timing test)
+# adsc-llava bench: a smoke run on the tiny preset (not a timing test)
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -253,7 +253,6 @@ def table_rows(printed: str, first_header: str) -> list[dict[str, str]]:
 
 
 def test_benchmark_smoke_run(capsys, tmp_path):
-    original_prune = modeling_adsc_llava.prune_vision_tokens
     argv = ["--config", "tiny", "--repeats", "1", "--warmup", "0", "--new-tokens", "3", "--no-progress"]
     # One thread: the tiny model gains nothing from two, and on a busy machine two threads wait for each other.
     threads = torch.get_num_threads()
@@ -275,15 +274,18 @@ def test_benchmark_smoke_run(capsys, tmp_path):
         assert float(row["peak MB"]) < float(stock["peak MB"])
         assert float(row["peak MB"]) >= float(row["KV MB held"])  # the cache is alive at the end
         assert row["pruning step, % of prefill"].endswith("%")
-    # Per-function pruning-step times, for the prefill and a decode step of each budget.
+    # Times of the modeling file's profiler ranges, for the prefill and a decode step of each budget.
     pruning_rows = table_rows(printed, "batch | model | kind")
     assert [(row["model"], row["kind"]) for row in pruning_rows] == [
         (f"ADSC {budget}", kind) for budget in (192, 128, 64) for kind in ("prefill", "decode")
     ]
-    assert all(float(row["prune_vision_tokens ms"]) > 0 for row in pruning_rows if row["kind"] == "prefill")
+    for row in pruning_rows:
+        pruned_here = row["kind"] == "prefill"  # a decode step has no vision tokens to drop
+        assert (float(row["adsc::prune_vision_tokens ms"]) > 0) == pruned_here
+        assert (float(row["adsc::image_token_offsets ms"]) > 0) == pruned_here
+        assert float(row["adsc::stage_causal_mask ms"]) > 0  # every stage builds its mask, decode steps too
+        assert 0 < float(row["all %"].rstrip("%")) < 100
     assert (tmp_path / "ratios.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # The timers are gone: the modeling module is as it was.
-    assert modeling_adsc_llava.prune_vision_tokens is original_prune
 
 
 def test_benchmark_rejects_bad_arguments(capsys):
@@ -300,7 +302,7 @@ def test_benchmark_rejects_bad_arguments(capsys):
 
 
 def test_profile_measure_passes_its_settings_to_the_benchmark():
-    from train.profile import benchmark_argv, build_parser
+    from adsc_llava.cost_table import benchmark_argv, build_parser
 
     args = build_parser().parse_args(["--budgets", "192", "64", "--new-tokens", "8", "--measure", "cpu"])
     argv = benchmark_argv(args)

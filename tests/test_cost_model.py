@@ -1,4 +1,4 @@
-"""The analytic cost model (`train.cost`) and its CLI (`train.profile`).
+"""The analytic cost model (`adsc_llava.cost`) and its CLI (`adsc-llava cost`).
 
 Two kinds of checks:
 
@@ -16,20 +16,21 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from adsc_llava import AdscLlavaConfig
-from train.cost import (
+from adsc_llava.cost import (
     CONFIGS_DIR,
     PAPER_NEW_TOKENS,
     PAPER_PROMPT_TOKENS,
     PAPER_PRUNING_LAYERS,
     PAPER_TABLE_IV,
     LlavaDims,
+    adsc_config,
+    config_schedule,
     estimate_cost,
     format_schedule,
     load_config,
     load_reference_config,
-    schedule_for_budget,
 )
-from train.profile import main
+from adsc_llava.cost_table import main
 
 # The paper's Table IV rows: budget -> tokens per layer (run-length form).
 PAPER_SCHEDULES = {
@@ -43,7 +44,7 @@ FACTS_ANALYTIC_KV_MB = {576: 730.9, 192: 327.7, 128: 261.1, 64: 193.9}
 
 
 def paper_report(config: LlavaConfig, budget: int, **kwargs):
-    _, schedule = schedule_for_budget(config, budget, PAPER_PRUNING_LAYERS)
+    schedule = config_schedule(adsc_config(config).with_budget(budget, PAPER_PRUNING_LAYERS))
     return estimate_cost(
         config, prompt_tokens=PAPER_PROMPT_TOKENS, new_tokens=PAPER_NEW_TOKENS, schedule=schedule, **kwargs
     )
@@ -143,7 +144,8 @@ def test_table_iv_relative_savings(llava_7b):
 def test_13b_runs_and_saves(llava_7b):
     config = load_reference_config("llava-1.5-13b")
     stock = estimate_cost(config, prompt_tokens=58, new_tokens=64)
-    drop_ratio, schedule = schedule_for_budget(config, 192)
+    solved = adsc_config(config).with_budget(192)
+    drop_ratio, schedule = solved.adsc_drop_ratio, config_schedule(solved)
     pruned = estimate_cost(config, prompt_tokens=58, new_tokens=64, schedule=schedule)
     assert len(schedule) == 40 and 0 < drop_ratio < 1 and pruned.average_vision_tokens <= 192
     assert stock.tflops > paper_report(llava_7b, 576).tflops  # a bigger LLM, the same CLIP
@@ -153,8 +155,8 @@ def test_13b_runs_and_saves(llava_7b):
 
 
 def test_adsc_config_schedule_is_used(llava_7b):
-    adsc_config = AdscLlavaConfig.from_llava_config(llava_7b, budget=128)
-    report = estimate_cost(adsc_config, prompt_tokens=58, new_tokens=64)
+    config = AdscLlavaConfig.from_llava_config(llava_7b, budget=128)
+    report = estimate_cost(config, prompt_tokens=58, new_tokens=64)
     assert format_schedule(report.vision_tokens_per_layer) == PAPER_SCHEDULES[128]
     assert report.total_flops == paper_report(llava_7b, 128).total_flops
 
@@ -181,7 +183,7 @@ def test_bad_inputs_raise_clear_errors(llava_7b):
     with pytest.raises(ValueError, match="lm_head_positions"):
         estimate_cost(llava_7b, prompt_tokens=10, new_tokens=2, lm_head_positions="first")
     with pytest.raises(ValueError, match="unreachable"):
-        schedule_for_budget(llava_7b, 10)
+        adsc_config(llava_7b).with_budget(10)
     with pytest.raises(ValueError, match="decode_steps"):
         estimate_cost(llava_7b, prompt_tokens=10, new_tokens=3).kv_cache_bytes_per_layer(5)
 

@@ -8,15 +8,15 @@ from transformers import LlavaConfig, Trainer, TrainingArguments
 
 from adsc_llava import AdscLlavaConfig
 from adsc_llava.configuration_adsc_llava import vision_tokens_per_layer
-from train.args import AdscTrainConfig
-from train.curriculum import (
+from adsc_llava.train.args import AdscTrainConfig
+from adsc_llava.train.curriculum import (
     CURRICULUM_FACTORS,
     CurriculumCallback,
     build_curriculum,
     describe_curriculum,
     phase_at,
 )
-from train.trainer import planned_steps
+from adsc_llava.train.trainer import planned_steps
 
 TARGET = 192  # of LLaVA-1.5-7B's 576 vision tokens, pruned at [2, 8, 16, 24]
 NUM_LAYERS, NUM_TOKENS, PRUNING_LAYERS = 32, 576, [2, 8, 16, 24]

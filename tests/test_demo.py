@@ -1,4 +1,4 @@
-"""`python -m train.demo --quick`: the whole experiment, end to end, in its 2-minute smoke version."""
+"""`adsc-llava demo --quick`: the whole experiment, end to end, in its 2-minute smoke version."""
 
 import json
 import subprocess
@@ -6,12 +6,14 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_quick_demo_runs_end_to_end(tmp_path):
     completed = subprocess.run(
-        [sys.executable, "-m", "train.demo", "--quick", "--output-dir", "out", "--cache-dir", "cache"],
+        [sys.executable, "-m", "adsc_llava", "demo", "--quick", "--output-dir", "out", "--cache-dir", "cache"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -37,7 +39,7 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     assert (out / "new_image.png").is_file() and "New image" in completed.stdout
     # A rerun reuses the cached data and base model, fine-tunes again and reproduces the numbers.
     rerun = subprocess.run(
-        [sys.executable, "-m", "train.demo", "--quick", "--output-dir", "out", "--cache-dir", "cache"],
+        [sys.executable, "-m", "adsc_llava", "demo", "--quick", "--output-dir", "out", "--cache-dir", "cache"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -48,21 +50,21 @@ def test_quick_demo_runs_end_to_end(tmp_path):
 
 
 def test_cache_key_follows_the_recipe_and_the_data_generator(monkeypatch):
-    from train import demo, synthetic
+    from adsc_llava.shapes_demo import recipe, synthetic
 
-    key = demo.recipe_key(demo.FULL)
-    assert demo.recipe_key(demo.FULL) == key
-    assert demo.recipe_key(replace(demo.FULL, base_steps=demo.FULL.base_steps + 1)) != key
+    key = recipe.recipe_key(recipe.FULL)
+    assert recipe.recipe_key(recipe.FULL) == key
+    assert recipe.recipe_key(replace(recipe.FULL, base_steps=recipe.FULL.base_steps + 1)) != key
     # Drawing scenes differently must not reuse data (and a base model) cached from the old drawings.
     monkeypatch.setattr(synthetic, "MIN_SCALE", synthetic.MIN_SCALE - 0.01)
-    assert demo.recipe_key(demo.FULL) != key
+    assert recipe.recipe_key(recipe.FULL) != key
     monkeypatch.undo()
     monkeypatch.setattr(synthetic, "POSITIONS", tuple(reversed(synthetic.POSITIONS)))
-    assert demo.recipe_key(demo.FULL) != key
+    assert recipe.recipe_key(recipe.FULL) != key
 
 
 def test_fine_tuning_never_reuses_a_model_left_by_an_earlier_run(tmp_path, monkeypatch):
-    from train import demo
+    from adsc_llava.shapes_demo import run as demo
 
     stale = tmp_path / "adsc-32-reverse" / "final"
     stale.mkdir(parents=True)
@@ -74,18 +76,85 @@ def test_fine_tuning_never_reuses_a_model_left_by_an_earlier_run(tmp_path, monke
     assert out == stale and not stale.exists()  # trained afresh into an emptied folder
 
 
-def test_base_training_uses_base_threads_and_restores_the_setting(tmp_path, monkeypatch):
+def test_base_training_uses_the_given_threads_and_restores_the_setting(tmp_path, monkeypatch):
     import torch
 
-    from train import demo
+    from adsc_llava.shapes_demo import run as demo
 
     seen = []
-    monkeypatch.setattr(demo, "run_training", lambda config: seen.append(torch.get_num_threads()) or tmp_path)
-    monkeypatch.setattr(demo.os, "cpu_count", lambda: 8)
+
+    def fake_training(config, callbacks=None):
+        seen.append((torch.get_num_threads(), callbacks))
+        (tmp_path / "final").mkdir(exist_ok=True)
+        return tmp_path / "final"
+
+    monkeypatch.setattr(demo, "run_training", fake_training)
+    monkeypatch.setattr(demo, "choose_threads", lambda max_threads: max_threads)
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        demo.train_base_model(tmp_path / "cache", replace(demo.QUICK, base_threads=2), tmp_path / "train.json")
-        assert seen == [2] and torch.get_num_threads() == 1  # the LoRA runs that follow stay on one thread
+        demo.train_base_model(tmp_path / "cache", demo.QUICK, tmp_path / "train.json", threads=2)
+        assert seen[-1] == (2, None) and torch.get_num_threads() == 1  # the LoRA runs that follow stay on one thread
+        assert json.loads((tmp_path / "final" / "threads.json").read_text()) == {
+            "threads": 2,
+            "one_thread_from_step": None,
+        }
+        demo.train_base_model(tmp_path / "cache2", demo.QUICK, tmp_path / "train.json")  # threads from the load
+        threads, callbacks = seen[-1]
+        assert threads == demo.MAX_BASE_THREADS and isinstance(callbacks[0], demo.DropToOneThreadWhenBusy)
     finally:
         torch.set_num_threads(before)
+
+
+def test_thread_choice_follows_other_processes_cpu_use(monkeypatch):
+    """Two threads when the other processes leave both cores idle, one as soon as they use half a core or more."""
+    from adsc_llava.shapes_demo import threads
+
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(threads.time, "sleep", lambda seconds: None)
+    for others, expected in ((0.0, 2), (0.3, 2), (0.6, 1), (1.0, 1), (2.0, 1)):
+        monkeypatch.setattr(threads.OtherProcessesMeter, "cores", lambda self, others=others: others)
+        assert threads.choose_threads(2) == expected, others
+
+
+def test_guard_drops_to_one_thread_when_others_compete(monkeypatch):
+    import torch
+
+    from adsc_llava.shapes_demo import threads
+
+    guard = threads.DropToOneThreadWhenBusy(every=10)
+    state = type("State", (), {"global_step": 10})()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setattr(guard.meter, "cores", lambda: 0.1)
+        guard.on_step_end(None, state, None)
+        assert torch.get_num_threads() == 2 and guard.switched_at_step is None
+        monkeypatch.setattr(guard.meter, "cores", lambda: 0.9)
+        state.global_step = 15  # between checks: nothing happens
+        guard.on_step_end(None, state, None)
+        assert torch.get_num_threads() == 2
+        state.global_step = 20
+        guard.on_step_end(None, state, None)
+        assert torch.get_num_threads() == 1 and guard.switched_at_step == 20
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_other_processes_meter_sees_a_busy_process():
+    """The meter counts another process's CPU use."""
+    import subprocess
+    import time
+
+    from adsc_llava.shapes_demo import threads
+
+    if threads.busy_cpu_seconds() is None:
+        pytest.skip("no /proc/stat on this system: the meter falls back to the load average")
+    meter = threads.OtherProcessesMeter()
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(1.5)
+        with_hog = meter.cores()
+    finally:
+        hog.kill()
+    assert with_hog >= 0.5  # a busy process gets at least half a core even beside two others on 2 cores

@@ -15,9 +15,8 @@ import torch
 from PIL import Image, ImageDraw
 
 import adsc_llava
-import train
 from adsc_llava import AdscLlavaConfig, AdscLlavaForConditionalGeneration
-from train.tiny import PROMPT_WORDS, SPECIAL_TOKENS, build_tiny_processor, tiny_llava_config_for
+from adsc_llava.testing import PROMPT_WORDS, SPECIAL_TOKENS, build_tiny_processor, tiny_llava_config_for
 
 from conftest import run_fresh_process
 
@@ -154,8 +153,9 @@ def reference_answer(model, processor, image: Image.Image, generate_kwargs: dict
 
 def project_source_paths() -> list[str]:
     """Files and folders the project's code is imported from here (the source tree, or an installed package)."""
-    paths = [PROJECT_ROOT / "adsc_llava", PROJECT_ROOT / "train", *(PROJECT_ROOT / name for name in SHIPPED_FILES)]
-    paths += [Path(adsc_llava.__file__).parent, Path(train.__file__).parent]
+    folders = ("adsc_llava", "train", "benchmarks", "examples")
+    paths = [*(PROJECT_ROOT / name for name in folders), *(PROJECT_ROOT / name for name in SHIPPED_FILES)]
+    paths += [Path(adsc_llava.__file__).parent]
     return sorted({str(path) for path in paths})
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from train import synthetic
+from adsc_llava.shapes_demo import synthetic
 
 BACKGROUND = np.array([255, 255, 255])
 

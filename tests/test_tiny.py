@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration, LlavaProcessor
 
-from train.tiny import (
+from adsc_llava.testing import (
     LLAVA_HF_CHAT_TEMPLATE,
     build_processor,
     build_tiny_processor,

@@ -26,17 +26,17 @@ from safetensors.torch import load_file, save_file
 from transformers import LlavaForConditionalGeneration, Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
-import train.trainer as trainer_module
+import adsc_llava.train.trainer as trainer_module
 from adsc_llava import AdscLlavaConfig, AdscLlavaForConditionalGeneration
 from adsc_llava.configuration_adsc_llava import vision_tokens_per_layer
-from train.__main__ import main
-from train.args import AdscTrainConfig
-from train.convert import CorruptCheckpointError
-from train.cost import format_schedule
-from train.curriculum import phase_at
-from train.data import IGNORE_INDEX
-from train.tiny import PROMPT_WORDS, SPECIAL_TOKENS, build_tiny_processor, tiny_llava_config_for
-from train.trainer import run_training
+from adsc_llava.convert import CorruptCheckpointError
+from adsc_llava.cost import format_schedule
+from adsc_llava.testing import PROMPT_WORDS, SPECIAL_TOKENS, build_tiny_processor, tiny_llava_config_for
+from adsc_llava.train.args import AdscTrainConfig
+from adsc_llava.train.cli import main
+from adsc_llava.train.curriculum import phase_at
+from adsc_llava.train.data import IGNORE_INDEX
+from adsc_llava.train.trainer import run_training
 
 from conftest import run_fresh_process
 
@@ -168,8 +168,8 @@ class RunRecorder:
     def install(self, monkeypatch) -> None:
         build_trainer, save_final_model = trainer_module.build_trainer, trainer_module.save_final_model
 
-        def recording_build_trainer(config):
-            trainer, adsc_model, phases = build_trainer(config)
+        def recording_build_trainer(config, callbacks=None):
+            trainer, adsc_model, phases = build_trainer(config, callbacks)
             self.trainer, self.adsc_model, self.phases = trainer, adsc_model, phases
             self.before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
             self.trainable = {name for name, p in trainer.model.named_parameters() if p.requires_grad}
@@ -566,7 +566,7 @@ def test_help_runs_and_lists_dashed_options():
 
 def test_dashes_and_underscores_parse_the_same(workspace, monkeypatch):
     seen = []
-    monkeypatch.setattr("train.__main__.run_training", seen.append)
+    monkeypatch.setattr("adsc_llava.train.cli.run_training", seen.append)
     common = ["--model", "m", "--data", "d.json", "--budget", "192"]
     main([*common, "--output-dir", "out", "--lora-r", "16", "--projector-learning-rate", "1e-5", "--save-adapter"])
     main([*common, "--output_dir", "out", "--lora_r", "16", "--projector_learning_rate", "1e-5", "--save_adapter"])

@@ -1,18 +1,8 @@
-"""`python -m train --model ... --data ... --budget 192 --output-dir out/`: ADSC fine-tuning (see README.md)."""
+"""`python -m train ...` in a source checkout: an alias of `adsc-llava train ...`."""
 
 import sys
 
-from transformers import HfArgumentParser
-
-from train.args import AdscTrainConfig
-from train.trainer import run_training
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = HfArgumentParser(AdscTrainConfig)
-    (config,) = parser.parse_args_into_dataclasses(args=argv if argv is not None else sys.argv[1:])
-    run_training(config)
-
+from adsc_llava.cli import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(["train", *sys.argv[1:]]))

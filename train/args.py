@@ -5,7 +5,7 @@ from typing import Literal
 
 from transformers import TrainingArguments
 
-from train.curriculum import CURRICULUM_FACTORS
+from adsc_llava.train.curriculum import CURRICULUM_FACTORS
 
 
 @dataclass

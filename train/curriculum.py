@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from transformers import TrainerCallback
 
 from adsc_llava import AdscLlavaConfig
-from adsc_llava.configuration_adsc_llava import reachable_budget_range, solve_drop_ratio, vision_tokens_per_layer
-from train.cost import format_schedule
+from adsc_llava.configuration_adsc_llava import reachable_budget_range, vision_tokens_per_layer
+from adsc_llava.cost import format_schedule
 
 CURRICULUM_FACTORS = {
     "reverse": (0.8, 0.9, 1.0),  # the paper's default: hardest first, then relax to the target
@@ -73,7 +73,7 @@ def build_curriculum(
             )
         cumulative += fraction
         end_step = round(cumulative * total_steps)
-        drop_ratio = solve_drop_ratio(num_layers, config.adsc_pruning_layers, num_tokens, budget)
+        drop_ratio = config.with_budget(budget).adsc_drop_ratio
         phases.append(CurriculumPhase(first_step, end_step, factor, budget, drop_ratio))
         first_step = end_step
     return phases

@@ -14,18 +14,17 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoConfig, AutoProcessor, Trainer
+from transformers import AutoConfig, AutoProcessor, Trainer, TrainerCallback
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 from adsc_llava import AdscLlavaConfig, AdscLlavaForConditionalGeneration
-from adsc_llava.configuration_adsc_llava import default_pruning_layers
-from train.args import AdscTrainConfig
-from train.convert import load_source_weights
-from train.cost import format_schedule
-from train.curriculum import CurriculumCallback, build_curriculum, describe_curriculum
-from train.data import LlavaDataCollator, LlavaInstructDataset, ModalityLengthGroupedSampler
-from train.model_card import write_model_card
+from adsc_llava.convert import load_source_weights
+from adsc_llava.cost import adsc_config, format_schedule
+from adsc_llava.model_card import write_model_card
+from adsc_llava.train.args import AdscTrainConfig
+from adsc_llava.train.curriculum import CurriculumCallback, build_curriculum, describe_curriculum
+from adsc_llava.train.data import LlavaDataCollator, LlavaInstructDataset, ModalityLengthGroupedSampler
 
 logger = logging.getLogger(__name__)
 
@@ -46,12 +45,11 @@ def load_adsc_model(
     source_config = AutoConfig.from_pretrained(path, trust_remote_code=True)
     if source_config.model_type not in ("llava", "adsc_llava"):
         raise ValueError(f"{path} is a '{source_config.model_type}' checkpoint; ADSC trains LLaVA ('llava').")
-    num_layers = source_config.text_config.num_hidden_layers
+    config = adsc_config(source_config)
     if budget is None:
-        config = AdscLlavaConfig.from_llava_config(source_config, pruning_layers=pruning_layers or [], drop_ratio=0.0)
+        config = AdscLlavaConfig.from_llava_config(config, pruning_layers=pruning_layers or [])
     else:
-        layers = pruning_layers if pruning_layers is not None else default_pruning_layers(num_layers)
-        config = AdscLlavaConfig.from_llava_config(source_config, pruning_layers=layers, budget=budget)
+        config = config.with_budget(budget, pruning_layers)
     return load_source_weights(path, config, dtype)
 
 
@@ -143,8 +141,10 @@ def use_bf16(requested: bool | None) -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
-def build_trainer(config: AdscTrainConfig) -> tuple[AdscTrainer, AdscLlavaForConditionalGeneration, list]:
-    """Model, data, curriculum and `AdscTrainer` for `config`; nothing is trained yet."""
+def build_trainer(
+    config: AdscTrainConfig, callbacks: list[TrainerCallback] | None = None
+) -> tuple[AdscTrainer, AdscLlavaForConditionalGeneration, list]:
+    """Model, data, curriculum and `AdscTrainer` for `config` (plus extra `callbacks`); nothing is trained yet."""
     bf16 = use_bf16(config.bf16)
     processor = AutoProcessor.from_pretrained(config.model, trust_remote_code=True)
     model = load_adsc_model(
@@ -173,7 +173,7 @@ def build_trainer(config: AdscTrainConfig) -> tuple[AdscTrainer, AdscLlavaForCon
     if config.gradient_checkpointing and config.tune == "lora":
         model.enable_input_require_grads()
 
-    callbacks, phases = [], []
+    callbacks, phases = list(callbacks or []), []
     if config.budget is not None:
         total_steps = planned_steps(config, training_args, len(dataset))
         phases = build_curriculum(
@@ -218,9 +218,9 @@ def summarize_start(config: AdscTrainConfig, trainer: AdscTrainer, adsc_model, p
     return "\n".join(lines)
 
 
-def run_training(config: AdscTrainConfig) -> Path:
+def run_training(config: AdscTrainConfig, callbacks: list[TrainerCallback] | None = None) -> Path:
     """Train, then save the final remote-code checkpoint to `output_dir/final`; returns that folder."""
-    trainer, adsc_model, phases = build_trainer(config)
+    trainer, adsc_model, phases = build_trainer(config, callbacks)
     if trainer.is_world_process_zero():
         print(summarize_start(config, trainer, adsc_model, phases), flush=True)
     resume_from = (

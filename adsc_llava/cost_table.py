@@ -3,22 +3,23 @@
 Usage:
 
 ```bash
-python -m train.profile                                  # LLaVA-1.5-7B, budgets 192 / 128 / 64, T = 58, G = 64
-python -m train.profile --config llava-1.5-13b --plot table_iv_13b.png
-python -m train.profile --config path/to/checkpoint --budgets 288 144 --kv-dtype bfloat16
-python -m train.profile --measure                        # then measure stock vs ADSC speed (train.benchmark)
+adsc-llava cost                                  # LLaVA-1.5-7B, budgets 192 / 128 / 64, T = 58, G = 64
+adsc-llava cost --config llava-1.5-13b --plot table_iv_13b.png
+adsc-llava cost --config path/to/checkpoint --budgets 288 144 --kv-dtype bfloat16
+adsc-llava cost --measure cpu                    # then measure stock vs ADSC speed (adsc-llava bench)
 ```
 
-Every number comes from the analytic model in `train.cost` (DeepSpeed flops-profiler conventions); for the 7B config
-at the paper's settings the paper's figures and the differences are printed alongside.
+Every number comes from the analytic model in `adsc_llava.cost` (DeepSpeed flops-profiler conventions); for the 7B
+config at the paper's settings the paper's figures and the differences are printed alongside.
 """
 
 import argparse
 import sys
 from pathlib import Path
 
+from adsc_llava.cli import prog
 from adsc_llava.configuration_adsc_llava import default_pruning_layers, validate_schedule
-from train.cost import (
+from adsc_llava.cost import (
     PAPER_KV_DTYPE_BYTES,
     PAPER_NEW_TOKENS,
     PAPER_PROMPT_TOKENS,
@@ -28,18 +29,19 @@ from train.cost import (
     REFERENCE_CONFIGS,
     CostReport,
     LlavaDims,
+    adsc_config,
+    config_schedule,
     dtype_num_bytes,
     estimate_cost,
     format_schedule,
     load_config,
     load_reference_config,
-    schedule_for_budget,
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m train.profile",
+        prog=prog("cost"),
         description="Analytic FLOPs and KV cache of (ADSC-)LLaVA per vision-token budget (the paper's Table IV).",
     )
     parser.add_argument(
@@ -80,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--measure",
         choices=["cpu", "cuda"],
         default=None,
-        help="Then run the speed benchmark (python -m train.benchmark, progress shown) with the same budgets, T, G, "
+        help="Then run the speed benchmark (adsc-llava bench, progress shown) with the same budgets, T, G, "
         "images and batch size, on this device: on cuda with this config (random weights), on cpu with the "
         "benchmark's random CPU-sized model (a 7B model is no CPU run) and its default pruning layers.",
     )
@@ -88,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def benchmark_argv(args: argparse.Namespace) -> list[str]:
-    """The `train.benchmark` arguments that measure what this table computes, as far as the device allows."""
+    """The `adsc-llava bench` arguments that measure what this table computes, as far as the device allows."""
     argv = ["--device", args.measure, "--budgets", *[f"{budget:g}" for budget in args.budgets]]
     argv += ["--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
     argv += ["--num-images", str(args.num_images), "--batch-sizes", str(args.batch_size)]
@@ -261,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         stock_budget = dims.vision_tokens_per_image
         rows = [(float(stock_budget), 0.0, report_for([stock_budget] * dims.num_layers))]
         for budget in args.budgets:
-            drop_ratio, schedule = schedule_for_budget(config, budget, pruning_layers)
-            rows.append((budget, drop_ratio, report_for(schedule)))
+            solved = adsc_config(config).with_budget(budget, pruning_layers)
+            rows.append((budget, solved.adsc_drop_ratio, report_for(config_schedule(solved))))
     except ValueError as error:
         parser.error(str(error))
 
@@ -290,10 +292,10 @@ def main(argv: list[str] | None = None) -> int:
         write_plot(rows, paper, args.plot, f"{args.config}: T={args.prompt_tokens}, G={args.new_tokens}")
         print(f"\nplot written to {args.plot}")
     if args.measure is not None:
-        from train import benchmark  # torch and the models are only needed for measured runs
+        from adsc_llava.benchmarks import speed  # torch and the models are only needed for measured runs
 
-        print(f"\nMeasured (python -m train.benchmark {' '.join(benchmark_argv(args))}):\n", flush=True)
-        return benchmark.main(benchmark_argv(args))
+        print(f"\nMeasured (adsc-llava bench {' '.join(benchmark_argv(args))}):\n", flush=True)
+        return speed.main(benchmark_argv(args))
     return 0
 
 

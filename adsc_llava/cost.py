@@ -31,10 +31,9 @@ defaults from their JSON work as loaded. `T` (`prompt_tokens`) counts the text t
 Example:
 
 ```python
->>> from train.cost import estimate_cost, load_reference_config, schedule_for_budget
->>> config = load_reference_config("llava-1.5-7b")
->>> drop_ratio, schedule = schedule_for_budget(config, budget=192)
->>> report = estimate_cost(config, prompt_tokens=58, new_tokens=64, schedule=schedule)
+>>> from adsc_llava.cost import adsc_config, estimate_cost, load_reference_config
+>>> config = adsc_config(load_reference_config("llava-1.5-7b")).with_budget(192)
+>>> report = estimate_cost(config, prompt_tokens=58, new_tokens=64)
 >>> round(report.tflops, 2), round(report.kv_megabytes, 1)
 (4.55, 327.7)
 ```
@@ -49,13 +48,9 @@ from transformers import LlavaConfig
 
 from adsc_llava.configuration_adsc_llava import (
     AdscLlavaConfig,
-    default_pruning_layers,
-    solve_drop_ratio,
-    validate_schedule,
-    vision_tokens_per_layer,
 )
 
-CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"  # package data
 REFERENCE_CONFIGS = ("llava-1.5-7b", "llava-1.5-13b")
 
 # Decoder-only text models whose layers are Llama-shaped: q/k/v/o projections and a gated (gate/up/down) MLP.
@@ -268,38 +263,14 @@ def dtype_num_bytes(dtype: Any) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def adsc_config(config: LlavaConfig) -> AdscLlavaConfig:
+    """`config` as an ADSC config, whose `with_budget` solves schedules (a stock config gets an empty one)."""
+    return config if isinstance(config, AdscLlavaConfig) else AdscLlavaConfig.from_llava_config(config)
+
+
 def config_schedule(config: LlavaConfig) -> list[int]:
     """Vision tokens per image that each decoder layer sees under the config's own schedule (none for stock LLaVA)."""
-    dims = LlavaDims.from_config(config)
-    pruning_layers = list(getattr(config, "adsc_pruning_layers", None) or [])
-    drop_ratio = float(getattr(config, "adsc_drop_ratio", 0.0) or 0.0)
-    return vision_tokens_per_layer(dims.num_layers, pruning_layers, drop_ratio, dims.vision_tokens_per_image)
-
-
-def schedule_for_budget(
-    config: LlavaConfig, budget: float, pruning_layers: list[int] | None = None
-) -> tuple[float, list[int]]:
-    """The drop ratio `r` solved for a budget and the vision tokens per layer it gives.
-
-    Args:
-        config: a stock or ADSC LLaVA config (only its dimensions are used).
-        budget: the target average, over all decoder layers, of the vision tokens per image each layer sees.
-        pruning_layers: defaults to the paper's `[2, 8, 16, 24]` scaled to the depth (`default_pruning_layers`).
-
-    Returns:
-        `(drop_ratio, vision_tokens_per_layer)`.
-
-    Raises:
-        ValueError: if the layers are malformed or the budget is out of their reach.
-    """
-    dims = LlavaDims.from_config(config)
-    if pruning_layers is None:
-        pruning_layers = default_pruning_layers(dims.num_layers)
-    pruning_layers = list(pruning_layers)
-    validate_schedule(dims.num_layers, pruning_layers, 0.0)
-    drop_ratio = solve_drop_ratio(dims.num_layers, pruning_layers, dims.vision_tokens_per_image, budget)
-    schedule = vision_tokens_per_layer(dims.num_layers, pruning_layers, drop_ratio, dims.vision_tokens_per_image)
-    return drop_ratio, schedule
+    return adsc_config(config).vision_tokens_per_layer(LlavaDims.from_config(config).vision_tokens_per_image)
 
 
 def format_schedule(schedule: list[int]) -> str:
@@ -558,6 +529,7 @@ def load_config(name_or_path: str | Path) -> LlavaConfig:
 
 __all__ = [
     "CostReport",
+    "adsc_config",
     "LlavaDims",
     "PAPER_TABLE_IV",
     "config_schedule",
@@ -570,7 +542,6 @@ __all__ = [
     "load_reference_config",
     "patch_embedding_flops",
     "projector_flops",
-    "schedule_for_budget",
     "stock_and_adsc_costs",
     "vision_layer_flops",
     "vision_tower_flops",

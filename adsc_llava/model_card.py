@@ -1,12 +1,11 @@
-"""Render the top-level `model_card.md` template into a checkpoint's README.md."""
+"""Render the `model_card.md` template (shipped with the package) into a checkpoint's README.md."""
 
 from pathlib import Path
 from string import Template
 
-from adsc_llava import AdscLlavaConfig
-from train.cost import format_schedule, stock_and_adsc_costs
+from adsc_llava import AdscLlavaConfig, shipped_file
+from adsc_llava.cost import format_schedule, stock_and_adsc_costs
 
-TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_card.md"
 # Table IV's setting: 58 prompt tokens, 64 generated tokens.
 CARD_PROMPT_TOKENS, CARD_NEW_TOKENS = 58, 64
 
@@ -50,7 +49,7 @@ def render_model_card(
         "steps": steps,
         "curriculum": curriculum or "none (no pruning)",
     }
-    return Template(TEMPLATE_PATH.read_text(encoding="utf-8")).substitute(fields)
+    return Template(shipped_file("model_card.md").read_text(encoding="utf-8")).substitute(fields)
 
 
 def write_model_card(final_dir: Path, config: AdscLlavaConfig, **kwargs) -> Path:

@@ -1,7 +1,7 @@
 """Turn a stock llava-hf checkpoint folder into an ADSC-LLaVA checkpoint folder.
 
-    python -m train.convert SRC DST --budget 192
-    python -m train.convert SRC DST --drop-ratio 0.418 --pruning-layers 2 8 16 24
+    adsc-llava convert SRC DST --budget 192
+    adsc-llava convert SRC DST --drop-ratio 0.418 --pruning-layers 2 8 16 24
 
 SRC is a local checkpoint folder of `LlavaForConditionalGeneration` (config.json, safetensors weights in either the
 current `model.language_model.*` or the older `language_model.model.*` key layout, processor files) or of ADSC-LLaVA
@@ -24,8 +24,9 @@ import torch
 from transformers import AutoProcessor, LlavaConfig
 
 from adsc_llava import AdscLlavaConfig, AdscLlavaForConditionalGeneration
+from adsc_llava.cli import prog
 
-SHIPPED_MODELING_FILES = ("configuration_adsc_llava.py", "modeling_adsc_llava.py")
+SHIPPED_MODELING_FILES = ("configuration_adsc_llava.py", "modeling_adsc_llava.py")  # written by save_pretrained
 # Any of these in SRC means it has a processor (or at least a tokenizer) that DST should carry too.
 PROCESSOR_FILES = (
     "processor_config.json",
@@ -180,8 +181,11 @@ def convert_checkpoint(
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser = argparse.ArgumentParser(
-        prog="python -m train.convert",
+        prog=prog("convert"),
         description="Turn a stock llava-hf checkpoint folder into an ADSC-LLaVA checkpoint folder.",
+        epilog="examples:\n  adsc-llava convert llava-1.5-7b-hf/ llava-1.5-7b-adsc-192/ --budget 192\n"
+        "  adsc-llava convert llava-1.5-7b-hf/ out/ --drop-ratio 0.418 --pruning-layers 2 8 16 24",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("src", type=Path, help="llava-hf checkpoint folder (config.json, safetensors, processor)")
     parser.add_argument("dst", type=Path, help="output folder (empty or absent unless --overwrite)")
@@ -203,7 +207,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, 
     return parser, args
 
 
-def main(argv: list[str] | None = None) -> AdscLlavaConfig:
+def main(argv: list[str] | None = None) -> int:
     parser, args = parse_args(argv)
     try:
         config = convert_checkpoint(
@@ -218,7 +222,7 @@ def main(argv: list[str] | None = None) -> AdscLlavaConfig:
         parser.error(str(error))
     print(f"Wrote the ADSC-LLaVA checkpoint {args.dst} from {args.src}.")
     print(format_schedule(config))
-    return config
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,61 @@
+"""The demo's Table I / Table III in Markdown and its accuracy-vs-tokens plot (the paper's Figure 2 in miniature)."""
+
+from pathlib import Path
+
+from adsc_llava.shapes_demo.evaluate import Result
+
+
+def markdown_tables(table_one: list[Result], table_three: list[Result]) -> str:
+    full_accuracy = table_one[0].accuracy
+    kinds = list(table_one[0].accuracy_by_type)
+    lines = [
+        "Table I in miniature: accuracy on the held-out test split",
+        "",
+        "| method | budget (avg vision tokens/layer) | accuracy | vs full | "
+        + "".join(f"{kind} | " for kind in kinds)
+        + "FLOPs | KV cache |",
+        "|---|---|---|---|" + "---|" * len(kinds) + "---|---|",
+    ]
+    for row in table_one:
+        lines.append(
+            f"| {row.method} | {row.vision_tokens:.1f} | {row.accuracy:.1%} | "
+            f"{row.accuracy / max(full_accuracy, 1e-9):.1%} | "
+            + "".join(f"{row.accuracy_by_type[kind]:.1%} | " for kind in kinds)
+            + f"{row.flops_ratio:.1%} | {row.kv_ratio:.1%} |"
+        )
+    lines += [
+        "",
+        f"Table III in miniature: curricula at budget {table_three[0].budget:g}, same steps",
+        "",
+        "| curriculum | accuracy | vs full |",
+        "|---|---|---|",
+    ]
+    for row in table_three:
+        lines.append(f"| {row.curriculum} | {row.accuracy:.1%} | {row.accuracy / max(full_accuracy, 1e-9):.1%} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(table_one: list[Result], path: Path) -> Path | None:
+    """Accuracy vs average vision tokens per method, like the paper's Figure 2."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install -e '.[plot]'): no plot written", flush=True)
+        return None
+    figure, axes = plt.subplots(figsize=(6, 4))
+    axes.axhline(table_one[0].accuracy, linestyle="--", color="gray", label="full model (144 tokens)")
+    for method, marker in (("ADSC, training-free", "s"), ("ADSC + LoRA (reverse)", "o")):
+        rows = [row for row in table_one if row.method == method]
+        axes.plot([r.vision_tokens for r in rows], [r.accuracy for r in rows], marker=marker, label=method)
+    axes.set_xlabel("average vision tokens per LLM layer")
+    axes.set_ylabel("test accuracy")
+    axes.set_ylim(0, 1)
+    axes.legend()
+    axes.set_title("ADSC in miniature: accuracy vs vision-token budget")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

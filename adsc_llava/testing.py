@@ -34,7 +34,7 @@ PROMPT_WORDS = ("USER:", "ASSISTANT:", "\n")
 
 # The chat template of llava-hf/llava-1.5-{7,13}b-hf (chat_template.json), reproduced token for token:
 #   USER: <image>\n<question> ASSISTANT: <answer> USER: <question 2> ASSISTANT:
-# It emits no `</s>` after an answer; `train.data` appends the end-of-turn token itself when a template does not.
+# It emits no `</s>` after an answer; `adsc_llava.train.data` appends the end-of-turn token when a template does not.
 LLAVA_HF_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] != 'system' %}"

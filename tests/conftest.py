@@ -14,7 +14,7 @@ from adsc_llava import AdscLlavaConfig, AdscLlavaForConditionalGeneration
 from adsc_llava.testing import tiny_llava_config
 
 # The test models are tiny: a second thread costs more in synchronisation than it saves, and on a shared 2-core
-# machine it makes every step wait for a preempted thread (measured 10-100x slower).
+# machine it makes every step wait for a preempted thread.
 torch.set_num_threads(1)
 
 VOCAB_SIZE = 64

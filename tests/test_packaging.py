@@ -52,7 +52,11 @@ def test_wheel_carries_the_modeling_files(tmp_path):
     )
     (wheel,) = tmp_path.glob("adsc_llava-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    shipped = {"adsc_llava/configuration_adsc_llava.py", "adsc_llava/modeling_adsc_llava.py", "adsc_llava/model_card.md"}
+    shipped = {
+        "adsc_llava/configuration_adsc_llava.py",
+        "adsc_llava/modeling_adsc_llava.py",
+        "adsc_llava/model_card.md",
+    }
     assert shipped <= names
     assert {"adsc_llava/configs/llava-1.5-7b.json", "adsc_llava/train/zero3.json", "adsc_llava/cli.py"} <= names
     assert {"adsc_llava/benchmarks/speed.py", "adsc_llava/shapes_demo/run.py", "adsc_llava/train/trainer.py"} <= names

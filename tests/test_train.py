@@ -1,4 +1,4 @@
-"""End-to-end tests of `python -m train` on a tiny random LLaVA and a tiny drawn data set (CPU).
+"""End-to-end tests of `adsc-llava train` on a tiny random LLaVA and a tiny drawn data set (CPU).
 
 One module-scoped run (6 steps, reverse curriculum, a checkpoint every 3 steps) is shared by most tests: it goes
 through `run_training` with `build_trainer` / `save_final_model` wrapped so that the test sees the trainer, the

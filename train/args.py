@@ -1,4 +1,4 @@
-"""Options of `python -m train`, grouped by concern; defaults are LLaVA-1.5's LoRA recipe and the paper's (III-C)."""
+"""Options of `adsc-llava train`, grouped by concern; defaults are LLaVA-1.5's LoRA recipe and the paper's (III-C)."""
 
 from dataclasses import dataclass, field
 from typing import Literal
@@ -10,7 +10,7 @@ from adsc_llava.train.curriculum import CURRICULUM_FACTORS
 
 @dataclass
 class AdscTrainConfig:
-    """Everything `python -m train` takes. See README.md, "Training"."""
+    """Everything `adsc-llava train` takes. See README.md, "Train"."""
 
     # Model and data ---------------------------------------------------------------------------------------------
     model: str = field(metadata={"help": "A llava-hf or ADSC checkpoint folder (or hub id) to start from."})

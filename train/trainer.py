@@ -1,6 +1,6 @@
 """LoRA + projector fine-tuning of ADSC-LLaVA with a budget curriculum, on transformers' `Trainer`.
 
-`run_training(config)` is what `python -m train` runs: load the checkpoint as ADSC-LLaVA, freeze the vision tower and
+`run_training(config)` is what `adsc-llava train` runs: load the checkpoint as ADSC-LLaVA, freeze the vision tower and
 the LLM, add LoRA to the LLM's linear layers, train LoRA and the projector while `CurriculumCallback` moves the
 budget, then merge and save a remote-code checkpoint (weights, config with `auto_map`, both .py files, processor,
 model card). Distributed training (accelerate, DeepSpeed, FSDP) is the Trainer's own.

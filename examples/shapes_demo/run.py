@@ -102,11 +102,11 @@ def build_base_checkpoint(folder: Path, recipe: DemoRecipe) -> Path:
 
 
 def train_config(recipe: DemoRecipe, **overrides) -> AdscTrainConfig:
-    """`python -m train` options shared by every run of the demo."""
+    """`adsc-llava train` options shared by every run of the demo."""
     options = dict(
         per_device_train_batch_size=recipe.batch_size,
         gradient_checkpointing=False,  # tiny activations: recomputation would only cost time
-        save_steps=10**9,  # no intermediate checkpoints: each run takes a minute or two
+        save_steps=10**9,  # no intermediate checkpoints: the runs are short and never resumed
         logging_steps=max(recipe.base_steps // 10, 1),
         seed=recipe.seed,
         max_length=512,
@@ -162,10 +162,9 @@ def train_base_model(cache: Path, recipe: DemoRecipe, train_json: Path, threads:
 
 
 def fine_tune(base: Path, train_json: Path, out: Path, recipe: DemoRecipe, budget: float, curriculum: str) -> Path:
-    """ADSC + LoRA at `budget` with `curriculum` through `python -m train`'s `run_training`.
+    """ADSC + LoRA at `budget` with `curriculum` through `adsc-llava train`'s `run_training`.
 
-    Always trained afresh (about 100 s for all five): a model left in `out` by an earlier run may come from another
-    base.
+    Always trained afresh: a model left in `out` by an earlier run may come from another base.
     """
     if out.exists():
         shutil.rmtree(out)  # an undeletable folder fails here, not later as a half-stale run

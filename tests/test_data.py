@@ -12,8 +12,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from torch.utils.data import DataLoader
 from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast, TrainingArguments
 
-from train import data
-from train.data import (
+from adsc_llava.testing import LLAVA_HF_CHAT_TEMPLATE, build_processor, build_word_tokenizer, tiny_llava_config_for
+from adsc_llava.train import data
+from adsc_llava.train.data import (
     IGNORE_INDEX,
     BadRecordError,
     ChatTemplateError,
@@ -24,7 +25,6 @@ from train.data import (
     get_modality_length_grouped_indices,
     load_records,
 )
-from train.tiny import LLAVA_HF_CHAT_TEMPLATE, build_processor, build_word_tokenizer, tiny_llava_config_for
 
 WORDS = ("what", "color", "is", "it", "?", "red", ".", "and", "the", "shape", "square", "hello", "hi", "there")
 # Ids by construction of the word tokenizer: specials, prompt words, then WORDS in order.
@@ -72,11 +72,63 @@ EOS_EMITTING_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
+_EOS_ANSWER = (
+    "{% for item in message['content'] if item['type'] == 'text' %}{{ item['text'] }}{% endfor %}{{ eos_token }}"
+)
+assert _EOS_ANSWER in EOS_EMITTING_TEMPLATE
+# The same with generation markers around the answer only (EOS written after the block), or around answer and EOS.
+EOS_AFTER_MARKERS_TEMPLATE = EOS_EMITTING_TEMPLATE.replace(
+    _EOS_ANSWER, _EOS_ANSWER.replace("{% for", "{% generation %}{% for").replace("{{ eos", "{% endgeneration %}{{ eos")
+)
+EOS_INSIDE_MARKERS_TEMPLATE = EOS_EMITTING_TEMPLATE.replace(
+    _EOS_ANSWER, "{% generation %}" + _EOS_ANSWER + "{% endgeneration %}"
+)
+# llava-hf's template without `{% generation %}` markers: the dataset falls back to prefix rendering.
+NO_MARKERS_TEMPLATE = LLAVA_HF_CHAT_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
 
 
 @pytest.fixture(scope="module")
 def processor():
     return build_processor(build_word_tokenizer(WORDS), image_size=IMAGE_SIZE, patch_size=PATCH_SIZE)
+
+
+@pytest.fixture(scope="module")
+def fallback_processor(processor):
+    return build_processor(processor.tokenizer, IMAGE_SIZE, PATCH_SIZE, chat_template=NO_MARKERS_TEMPLATE)
+
+
+@pytest.fixture(scope="module")
+def sp_tokenizer():
+    """A Llama-style tokenizer: "▁word" pieces that carry the space before them, `<s>` prepended."""
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    corpus = ["USER: what color is it? ASSISTANT: red.", "USER: and the shape? ASSISTANT: a square."] * 20
+    trainer = trainers.BpeTrainer(
+        vocab_size=200, special_tokens=["<unk>", "<s>", "</s>", "<pad>", "<image>"], show_progress=False
+    )
+    backend.train_from_iterator(corpus, trainer)
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+
+
+SP_RECORD = {
+    "id": "sp",
+    "image": "red.png",
+    "conversations": [
+        {"from": "human", "value": "<image>\nwhat color is it?"},
+        {"from": "gpt", "value": "red."},
+        {"from": "human", "value": "and the shape?"},
+        {"from": "gpt", "value": "a square."},
+    ],
+}
 
 
 @pytest.fixture
@@ -132,49 +184,43 @@ def test_loss_on_every_text_token_when_not_assistant_only(processor, image_folde
     assert sample["labels"].tolist() == [X if token == IMG else token for token in MULTI_IDS]
 
 
-def test_llava_hf_template_gets_eos_appended_and_eos_template_does_not_double_it(processor, image_folder):
-    # llava-hf's template renders no `</s>`: the dataset appends it. A template that emits it must not get two.
-    assert _dataset([MULTI], processor, image_folder).append_eos is True
-    eos_processor = build_processor(processor.tokenizer, IMAGE_SIZE, PATCH_SIZE, chat_template=EOS_EMITTING_TEMPLATE)
+def test_llava_hf_template_gets_eos_appended(processor, fallback_processor, image_folder):
+    # llava-hf's template renders no `</s>`: the dataset appends it to each answer, with or without markers.
+    for chat_processor in (processor, fallback_processor):
+        dataset = _dataset([MULTI], chat_processor, image_folder)
+        assert dataset.encoder.append_eos is True
+        assert dataset.encoder.render(dataset.conversation(0)).count("</s>") == 2
+
+
+@pytest.mark.parametrize(
+    "template",
+    [EOS_EMITTING_TEMPLATE, EOS_AFTER_MARKERS_TEMPLATE, EOS_INSIDE_MARKERS_TEMPLATE],
+    ids=["no-markers", "eos-after-markers", "eos-inside-markers"],
+)
+def test_eos_template_does_not_get_a_second_eos(processor, image_folder, template):
+    # A template that emits `</s>` must not get two, and its `</s>` is supervised even when written after the block.
+    eos_processor = build_processor(processor.tokenizer, IMAGE_SIZE, PATCH_SIZE, chat_template=template)
     dataset = _dataset([MULTI, TEXT], eos_processor, image_folder)
-    assert dataset.append_eos is False
-    assert dataset.render(dataset.conversation(0)).text.count("</s>") == 2
+    assert dataset.encoder.append_eos is False
+    assert dataset.encoder.uses_generation_markers == (template != EOS_EMITTING_TEMPLATE)
+    assert dataset.encoder.render(dataset.conversation(0)).count("</s>") == 2
     assert dataset[0]["input_ids"].tolist() == MULTI_IDS and dataset[0]["labels"].tolist() == MULTI_LABELS
     assert dataset[1]["input_ids"].tolist() == TEXT_IDS and dataset[1]["labels"].tolist() == TEXT_LABELS
 
 
-def test_labels_with_a_sentencepiece_style_tokenizer(image_folder):
+@pytest.mark.parametrize("markers", [True, False], ids=["markers", "fallback"])
+def test_labels_with_a_sentencepiece_style_tokenizer(sp_tokenizer, image_folder, markers):
     """With Llama-style "▁word" pieces, the space-carrying token after `</s>` must stay unsupervised."""
-    backend = Tokenizer(models.BPE(unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
-    corpus = ["USER: what color is it? ASSISTANT: red.", "USER: and the shape? ASSISTANT: a square."] * 20
-    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>", "<pad>", "<image>"])
-    backend.train_from_iterator(corpus, trainer)
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
-    )
-    sp_processor = build_processor(tokenizer, IMAGE_SIZE, PATCH_SIZE)
-    record = {
-        "id": "sp",
-        "image": "red.png",
-        "conversations": [
-            {"from": "human", "value": "<image>\nwhat color is it?"},
-            {"from": "gpt", "value": "red."},
-            {"from": "human", "value": "and the shape?"},
-            {"from": "gpt", "value": "a square."},
-        ],
-    }
-    sample = _dataset([record], sp_processor, image_folder)[0]
+    template = LLAVA_HF_CHAT_TEMPLATE if markers else NO_MARKERS_TEMPLATE
+    sp_processor = build_processor(sp_tokenizer, IMAGE_SIZE, PATCH_SIZE, chat_template=template)
+    sample = _dataset([SP_RECORD], sp_processor, image_folder)[0]
     supervised = sample["labels"][sample["labels"] != IGNORE_INDEX].tolist()
-    assert tokenizer.convert_ids_to_tokens(supervised) == ["▁red.", "</s>", "▁a", "▁square.", "</s>"]
-    assert int((sample["input_ids"] == tokenizer.convert_tokens_to_ids("<image>")).sum()) == 4
+    assert sp_tokenizer.convert_ids_to_tokens(supervised) == ["▁red.", "</s>", "▁a", "▁square.", "</s>"]
+    assert int((sample["input_ids"] == sp_tokenizer.convert_tokens_to_ids("<image>")).sum()) == 4
+    # The template's space after the last `</s>` adds no trailing "▁" token, and the light length check agrees.
+    assert sample["input_ids"][-1] == sp_tokenizer.eos_token_id
+    dataset = _dataset([SP_RECORD], sp_processor, image_folder)
+    assert dataset.encoder.count_tokens(dataset.conversation(0), (20, 16)) == len(sample["input_ids"])
 
 
 def test_collator_mixed_batch_is_exact(processor, image_folder):
@@ -314,7 +360,7 @@ def test_scan_in_worker_processes_matches_in_process(processor, image_folder):
 def test_lazy_skip_uses_next_record_and_counts(processor, image_folder, caplog):
     records = [BAD_RECORDS["missing_image"], BAD_RECORDS["unknown_role"], TEXT]
     dataset = _dataset(records, processor, image_folder, on_bad_record="skip")
-    with caplog.at_level(logging.WARNING, logger="train.data"):
+    with caplog.at_level(logging.WARNING, logger="adsc_llava.train.data"):
         sample = dataset[0]
     assert sample["id"] == "text"
     assert dict(dataset.stats.skipped) == {"missing_image": 1, "malformed_roles": 1}
@@ -358,40 +404,111 @@ def test_truncation_never_splits_an_image(processor, image_folder):
         _dataset([MULTI], processor, image_folder, max_length=12, truncate_long_samples=True)[0]
 
 
-def test_both_span_finders_agree(processor, image_folder):
-    dataset = _dataset([MULTI], processor, image_folder)
-    messages = data._with_eos(dataset.conversation(0).messages, "</s>")
-    text = data._render(processor, messages, add_generation_prompt=False)
-    fast = data._spans_by_sentinels(processor, messages, text, "</s>")
-    assert fast is not None and fast == data._spans_by_prefixes(processor, messages, text, "</s>")
-    assert [text[start:end] for start, end in fast] == ["red .</s>", "square .</s>"]
+def test_generation_markers_are_detected():
+    assert data.has_generation_markers(LLAVA_HF_CHAT_TEMPLATE)
+    assert data.has_generation_markers("{%- generation -%}{{ x }}{%- endgeneration -%}")
+    assert data.has_generation_markers({"default": "{%generation%}{{ x }}{%endgeneration%}"})
+    assert not data.has_generation_markers(NO_MARKERS_TEMPLATE)
+    assert not data.has_generation_markers(None)
 
 
-def test_template_that_rewrites_answers_uses_prefix_rendering(processor, image_folder):
-    # `| trim` changes answers, so the sentinel fast path cannot prove itself and prefix rendering takes over.
+@pytest.mark.parametrize("assistant_only_loss", [True, False], ids=["assistant-only", "all-text"])
+@pytest.mark.parametrize("record", [SINGLE, MULTI, TEXT], ids=["single-turn", "multi-turn", "text-only"])
+def test_marker_and_fallback_paths_agree(processor, fallback_processor, image_folder, record, assistant_only_loss):
+    marked = _dataset([record], processor, image_folder, assistant_only_loss=assistant_only_loss)
+    fallback = _dataset([record], fallback_processor, image_folder, assistant_only_loss=assistant_only_loss)
+    assert marked.encoder.uses_generation_markers and not fallback.encoder.uses_generation_markers
+    expected, actual = marked[0], fallback[0]
+    assert set(actual) == set(expected)
+    for key in ("input_ids", "labels", "pixel_values"):
+        if key in expected:
+            assert actual[key].dtype == expected[key].dtype and torch.equal(actual[key], expected[key]), key
+    if assistant_only_loss:
+        ids, labels = {"single": (SINGLE_IDS, SINGLE_LABELS), "multi": (MULTI_IDS, MULTI_LABELS)}.get(
+            record["id"], (TEXT_IDS, TEXT_LABELS)
+        )
+        assert actual["input_ids"].tolist() == ids and actual["labels"].tolist() == labels
+
+
+@pytest.mark.parametrize("assistant_only_loss", [True, False], ids=["assistant-only", "all-text"])
+def test_marker_and_fallback_paths_agree_with_a_sentencepiece_style_tokenizer(
+    sp_tokenizer, image_folder, assistant_only_loss
+):
+    samples = [
+        _dataset(
+            [SP_RECORD],
+            build_processor(sp_tokenizer, IMAGE_SIZE, PATCH_SIZE, chat_template=template),
+            image_folder,
+            assistant_only_loss=assistant_only_loss,
+        )[0]
+        for template in (LLAVA_HF_CHAT_TEMPLATE, NO_MARKERS_TEMPLATE)
+    ]
+    assert torch.equal(samples[0]["input_ids"], samples[1]["input_ids"])
+    assert torch.equal(samples[0]["labels"], samples[1]["labels"])
+
+
+def test_prefix_rendering_spans_run_from_answer_through_eos(fallback_processor):
+    messages = data._with_eos(data.record_to_conversation(MULTI, 0).messages, "</s>")
+    rendered = data.render_conversation(fallback_processor, messages)
+    assert [rendered.text[start:end] for start, end in rendered.assistant_spans] == ["red .</s>", "square .</s>"]
+    assert rendered.text.endswith("square .</s>")
+
+
+@pytest.mark.parametrize("markers", [True, False], ids=["markers", "fallback"])
+def test_template_that_writes_bos_gets_no_second_bos(processor, image_folder, markers):
+    template = "{{ bos_token }}" + (LLAVA_HF_CHAT_TEMPLATE if markers else NO_MARKERS_TEMPLATE)
+    bos_processor = build_processor(processor.tokenizer, IMAGE_SIZE, PATCH_SIZE, chat_template=template)
+    dataset = _dataset([MULTI, TEXT], bos_processor, image_folder)
+    assert dataset.encoder.uses_generation_markers is markers
+    assert dataset[0]["input_ids"].tolist() == MULTI_IDS and dataset[0]["labels"].tolist() == MULTI_LABELS
+    assert dataset[1]["input_ids"].tolist() == TEXT_IDS and dataset[1]["labels"].tolist() == TEXT_LABELS
+    assert dataset.scan(show_progress=False).kept == 2
+    exact = _dataset([MULTI], bos_processor, image_folder, max_length=len(MULTI_IDS))
+    assert exact.scan(show_progress=False).kept == 1
+
+
+@pytest.mark.parametrize("markers", [True, False], ids=["markers", "fallback"])
+def test_template_that_rewrites_answers(processor, image_folder, markers):
+    # `| trim` changes what the template writes for each answer; both paths locate what it wrote.
     trimming = LLAVA_HF_CHAT_TEMPLATE.replace(
         "{{ content['text'] + ' '}}{% endgeneration %}", "{{ content['text'] | trim + ' '}}{% endgeneration %}"
     )
     assert trimming != LLAVA_HF_CHAT_TEMPLATE
+    if not markers:
+        trimming = trimming.replace("{% generation %}", "").replace("{% endgeneration %}", "")
     trimming_processor = build_processor(processor.tokenizer, IMAGE_SIZE, PATCH_SIZE, chat_template=trimming)
     padded = {**MULTI, "conversations": [{**turn, "value": f"  {turn['value']}  "} for turn in MULTI["conversations"]]}
     dataset = _dataset([padded], trimming_processor, image_folder)
-    messages = data._with_eos(dataset.conversation(0).messages, "</s>")
-    text = data._render(trimming_processor, messages, add_generation_prompt=False)
-    assert data._spans_by_sentinels(trimming_processor, messages, text, "</s>") is None
+    assert dataset.encoder.uses_generation_markers is markers
     sample = dataset[0]
     assert sample["input_ids"].tolist() == MULTI_IDS and sample["labels"].tolist() == MULTI_LABELS
 
 
 def test_template_that_is_not_prefix_stable_is_rejected(processor, image_folder):
-    # Prefixes start with a different count and answers are rewritten (so the fast path is not usable either).
-    counting = "{{ messages | length }} " + EOS_EMITTING_TEMPLATE.replace(
-        "{{ item['text'] }}{% endfor %}{{ eos", "{{ item['text'] | upper }}{% endfor %}{{ eos"
-    )
-    assert "upper" in counting
+    # Without generation markers, prefixes that start with a different count cannot locate the answers.
+    counting = "{{ messages | length }} " + EOS_EMITTING_TEMPLATE
     unstable = build_processor(processor.tokenizer, IMAGE_SIZE, PATCH_SIZE, chat_template=counting)
     with pytest.raises(ChatTemplateError, match="prefix"):
         _dataset([TEXT], unstable, image_folder, on_bad_record="skip")[0]
+    with pytest.raises(ChatTemplateError, match="prefix"):
+        _dataset([TEXT], unstable, image_folder, on_bad_record="skip").scan(show_progress=False)
+
+
+def test_generation_block_without_eos_is_rejected(processor, image_folder):
+    # Markers around the user's text instead of the answer: the marked tokens are not an answer closed by EOS.
+    user_marked = NO_MARKERS_TEMPLATE.replace(
+        "{% if message['role'] != 'assistant' %}"
+        "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+        "{{ content['text'] + ' '}}",
+        "{% if message['role'] != 'assistant' %}"
+        "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+        "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}",
+    )
+    assert data.has_generation_markers(user_marked)
+    marked_processor = build_processor(processor.tokenizer, IMAGE_SIZE, PATCH_SIZE, chat_template=user_marked)
+    # Caught when the dataset is built, before any record is encoded.
+    with pytest.raises(ChatTemplateError, match="not closed by the EOS token"):
+        _dataset([TEXT], marked_processor, image_folder, on_bad_record="skip")
 
 
 def test_invalid_arguments(processor, image_folder):
@@ -481,12 +598,15 @@ def test_dataloader_with_sampler_and_collator(processor, image_folder):
     ),
     with_image=st.booleans(),
 )
-def test_supervised_tokens_are_exactly_the_answers(processor, image_folder, turns, with_image):
+def test_supervised_tokens_are_exactly_the_answers(processor, fallback_processor, image_folder, turns, with_image):
     conversations = []
     for question, answer in turns:
         conversations += [{"from": "human", "value": " ".join(question)}, {"from": "gpt", "value": " ".join(answer)}]
     record = {"id": "random", "conversations": conversations, **({"image": "red.png"} if with_image else {})}
     sample = _dataset([record], processor, image_folder)[0]
+    fallback = _dataset([record], fallback_processor, image_folder)[0]
+    assert torch.equal(sample["input_ids"], fallback["input_ids"])
+    assert torch.equal(sample["labels"], fallback["labels"])
     labels, input_ids = sample["labels"], sample["input_ids"]
     supervised = labels[labels != IGNORE_INDEX].tolist()
     vocab = processor.tokenizer.get_vocab()

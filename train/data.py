@@ -5,25 +5,30 @@ text-only records have no `image`. As in LLaVA, `<image>` is removed from the tu
 of the first human turn (the chat template renders it as `<image>\\n` before the question).
 
 Labels: only assistant answers and the end-of-turn token that closes each of them (`</s>` for LLaVA-1.5) are
-supervised; every other position is `IGNORE_INDEX` (-100). The prompt is rendered with the processor's own chat
-template, and the answers are located in the rendered text without relying on `{% generation %}` markers (which
-most templates lack):
+supervised; every other position is `IGNORE_INDEX` (-100). Prompts are built by the processor's own chat template,
+so training sees exactly the format the checkpoint is prompted with:
 
-- fast path: render once more with a sentinel in place of each answer; if putting the answers back reproduces the
-  real rendering character for character (the template copies answers verbatim, as llava-hf's does), the sentinel
-  positions are the answer spans;
-- general path: the answer of assistant turn `k` is what `render(turns[:k + 1])` adds to
-  `render(turns[:k], add_generation_prompt=True)`; any template whose successive prefixes extend each other works,
-  others raise `ChatTemplateError`.
+- templates with `{% generation %}` markers (llava-hf's has them) go through `processor.apply_chat_template(...,
+  return_assistant_tokens_mask=True)`, whose mask already accounts for the expansion of `<image>` into one
+  placeholder token per vision token. The mask covers every token that overlaps the marked text, including one
+  that only carries the template's space after an answer (Llama's `▁USER:` after `</s> `), so each marked run is
+  cut back to the answer itself: from its first non-blank token through its EOS. The markers are tried once on a
+  probe conversation when the dataset is built, so a template that cannot be used fails before training starts;
+- templates without markers fall back to prefix rendering: the answer of assistant turn `k` is what
+  `render(turns[:k + 1])` adds to `render(turns[:k], add_generation_prompt=True)`, located in the token ids
+  through the tokenizer's offsets. Any template whose successive prefixes extend each other works; others raise
+  `ChatTemplateError`.
 
-Both give the same spans (answer without surrounding whitespace, through its EOS). When the template does not emit
-the end-of-turn token itself (llava-hf's LLaVA-1.5 template renders `ASSISTANT: <answer> USER: ...` without `</s>`,
-while LLaVA was trained to end every answer with `</s>`), it is appended to each answer before rendering. Character
-spans become token labels through the tokenizer's offset mapping, after shifting them past the processor's
-expansion of each `<image>` into one placeholder token per vision token.
+Both paths give the same ids and labels for llava-hf's template with and without its markers (the tests check
+this token for token). When the template does not emit the end-of-turn token itself (llava-hf's
+LLaVA-1.5 template renders `ASSISTANT: <answer> USER: ...` without `</s>`, while LLaVA was trained to end every
+answer with `</s>`), it is appended to each answer before rendering, so it is supervised as part of the answer.
+Whitespace the template leaves after the last answer is dropped, as LLaVA's prompts end with the final `</s>`.
 
-Bad records (missing or unreadable image, no conversations, malformed roles, too long, ...) either raise
-`BadRecordError` naming the record and the problem (`on_bad_record="error"`) or are skipped and counted
+The pieces: `record_to_conversation` validates a record, `ConversationEncoder` turns a conversation and its image
+into tensors, `fit_to_length` enforces `max_length`, and `LlavaInstructDataset` indexes the records, skips bad ones
+and scans them. Bad records (missing or unreadable image, no conversations, malformed roles, too long, ...) either
+raise `BadRecordError` naming the record and the problem (`on_bad_record="error"`) or are skipped and counted
 (`on_bad_record="skip"`). `LlavaInstructDataset.scan()` checks every record up front so problems surface before
 training starts rather than hours in.
 """
@@ -32,6 +37,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -74,6 +80,14 @@ BAD_RECORD_REASONS = (
 
 # LLaVA's speaker names, plus the chat-template names for data converted from other sources.
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+# The tag transformers uses to mark assistant content for `return_assistant_tokens_mask`.
+GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
+# A minimal conversation for trying out a chat template before any record is encoded.
+_PROBE_MESSAGES = [
+    {"role": "user", "content": [{"type": "text", "text": "question"}]},
+    {"role": "assistant", "content": [{"type": "text", "text": "answer"}]},
+]
 
 # Errors PIL raises for corrupt, truncated or hostile files (UnidentifiedImageError is an OSError).
 _IMAGE_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
@@ -220,157 +234,6 @@ def record_to_conversation(record: Any, index: int, image_token: str = DEFAULT_I
     return Conversation(record_id=record_id, image=image, messages=messages)
 
 
-def _with_eos(messages: list[dict[str, Any]], eos_token: str) -> list[dict[str, Any]]:
-    """Copy of `messages` with `eos_token` appended to every assistant text."""
-    return [
-        {
-            **message,
-            "content": [
-                {**item, "text": item["text"] + eos_token} if item["type"] == "text" else item
-                for item in message["content"]
-            ],
-        }
-        if message["role"] == "assistant"
-        else message
-        for message in messages
-    ]
-
-
-def _render(processor: ProcessorMixin, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
-    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-
-def chat_template_emits_eos(processor: ProcessorMixin) -> bool:
-    """Whether the processor's chat template itself closes an assistant answer with the tokenizer's EOS token."""
-    eos_token = processor.tokenizer.eos_token
-    probe = [
-        {"role": "user", "content": [{"type": "text", "text": "question"}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "answer"}]},
-    ]
-    prompt = _render(processor, probe[:1], add_generation_prompt=True)
-    full = _render(processor, probe, add_generation_prompt=False)
-    return full[len(prompt) :].rstrip().endswith(eos_token)
-
-
-def _answer_span(text: str, start: int, end: int) -> tuple[int, int]:
-    """Shrink `[start, end)` to exclude the whitespace a template puts around an answer."""
-    answer = text[start:end]
-    return start + len(answer) - len(answer.lstrip()), start + len(answer.rstrip())
-
-
-def _sentinel(turn: int) -> str:
-    # Private-use code points: never in real data, left alone by templates that do not transform content.
-    return f"\ue000{turn}\ue001"
-
-
-def _spans_by_sentinels(
-    processor: ProcessorMixin, messages: list[dict[str, Any]], text: str, eos_token: str
-) -> list[tuple[int, int]] | None:
-    """Fast path (one extra render): render with a sentinel in place of each answer, then put the answers back.
-
-    Returns None, so the caller falls back to prefix rendering, unless putting the answers back reproduces `text`
-    exactly (the template copies answers verbatim) and every answer is followed by the EOS token.
-    """
-    answers: dict[int, str] = {}
-    marked_messages = []
-    for turn, message in enumerate(messages):
-        texts = [item for item in message["content"] if item["type"] == "text"]
-        if message["role"] == "assistant":
-            if len(texts) != 1:
-                return None
-            answers[turn] = texts[0]["text"]
-            message = {**message, "content": [{"type": "text", "text": _sentinel(turn)}]}
-        marked_messages.append(message)
-    marked = _render(processor, marked_messages, add_generation_prompt=False)
-    pieces, spans, cursor, length = [], [], 0, 0
-    for turn, answer in answers.items():
-        found = marked.find(_sentinel(turn), cursor)
-        if found < 0:
-            return None
-        pieces += [marked[cursor:found], answer]
-        length += found - cursor
-        spans.append(_answer_span(text, length, length + len(answer)) if text[length:].startswith(answer) else None)
-        length += len(answer)
-        cursor = found + len(_sentinel(turn))
-    pieces.append(marked[cursor:])
-    if "".join(pieces) != text or None in spans:
-        return None
-    # A template that writes EOS right after the answer (rather than us appending it) gets it included.
-    spans = [
-        (start, end + len(eos_token)) if text.startswith(eos_token, end) else (start, end) for start, end in spans
-    ]
-    return spans if all(text[start:end].endswith(eos_token) for start, end in spans) else None
-
-
-def _spans_by_prefixes(
-    processor: ProcessorMixin, messages: list[dict[str, Any]], text: str, eos_token: str
-) -> list[tuple[int, int]]:
-    """General path (two renders per answer): an answer is what `render(turns[:k + 1])` adds to the prompt
-    `render(turns[:k], add_generation_prompt=True)`. Works for any template whose prefixes extend each other."""
-    spans = []
-    for turn, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        prompt = _render(processor, messages[:turn], add_generation_prompt=True)
-        through_answer = _render(processor, messages[: turn + 1], add_generation_prompt=False)
-        if not (through_answer.startswith(prompt) and text.startswith(through_answer)):
-            raise ChatTemplateError(
-                "The chat template renders a conversation prefix differently from the full conversation, so "
-                f"assistant turns cannot be located. Prefix ending at turn {turn}: {through_answer!r}"
-            )
-        start, end = _answer_span(text, len(prompt), len(through_answer))
-        if not text[start:end].endswith(eos_token):
-            raise ChatTemplateError(
-                f"Assistant turn {turn} does not end with the EOS token {eos_token!r} after rendering: "
-                f"{text[start:end]!r}"
-            )
-        spans.append((start, end))
-    return spans
-
-
-def render_conversation(
-    processor: ProcessorMixin, messages: list[dict[str, Any]], append_eos: bool
-) -> RenderedConversation:
-    """Render `messages` with the processor's chat template and locate the assistant answers in the text.
-
-    With `append_eos`, the tokenizer's EOS token is appended to each answer first (for templates that do not emit
-    it). Each span runs from the first non-space character of the answer to the end of its EOS token, so the role
-    header and the whitespace the template puts around answers stay unsupervised. Spans come from the sentinel fast
-    path when it provably reproduces the rendering, else from prefix-by-prefix rendering (same spans, slower).
-    """
-    eos_token = processor.tokenizer.eos_token
-    if append_eos:
-        messages = _with_eos(messages, eos_token)
-    text = _render(processor, messages, add_generation_prompt=False)
-    spans = _spans_by_sentinels(processor, messages, text, eos_token)
-    if spans is None:
-        spans = _spans_by_prefixes(processor, messages, text, eos_token)
-    # Trailing whitespace after the last answer would only add an unsupervised token.
-    return RenderedConversation(text=text.rstrip(), assistant_spans=spans)
-
-
-def _shift_spans(spans: list[tuple[int, int]], replacements: list[dict[str, Any]]) -> list[tuple[int, int]]:
-    """Move character spans of the prompt to where they are after the processor expanded its `<image>` tokens."""
-    shifted = []
-    for start, end in spans:
-        # Every placeholder that ends at or before the span start pushes the span right by what it grew.
-        gained = sum(r["new_span"][1] - r["span"][1] for r in replacements if r["span"][1] <= start)
-        shifted.append((start + gained, end + gained))
-    return shifted
-
-
-def labels_from_spans(input_ids: torch.Tensor, offsets: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
-    """Labels `[seq_len]`: `input_ids` where a token overlaps an assistant span, `IGNORE_INDEX` elsewhere.
-
-    `offsets` is the tokenizer's offset mapping `[seq_len, 2]`; tokens it does not place in the text (such as the
-    BOS token the tokenizer adds, offsets `(0, 0)`) never overlap a span.
-    """
-    supervised = torch.zeros_like(input_ids, dtype=torch.bool)
-    for start, end in spans:
-        supervised |= (offsets[:, 0] < end) & (offsets[:, 1] > start)
-    return torch.where(supervised, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
-
-
 def check_image_file(path: Path, record_id: str) -> tuple[int, int]:
     """(width, height) of the image at `path`, reading only its header; raises `BadRecordError` if unusable."""
     if not path.is_file():
@@ -396,28 +259,321 @@ def load_image(path: Path, record_id: str) -> Image.Image:
         raise BadRecordError(record_id, UNREADABLE_IMAGE, f"cannot read image {path}: {error}") from error
 
 
-def _image_token_spans(input_ids: torch.Tensor, image_token_id: int) -> list[tuple[int, int]]:
-    """`[start, end)` token ranges of consecutive image placeholder tokens."""
-    is_image = (input_ids == image_token_id).tolist()
-    spans, start = [], None
-    for position, flag in enumerate(is_image + [False]):
+def has_generation_markers(chat_template: str | Mapping[str, str] | None) -> bool:
+    """Whether a chat template marks assistant content with `{% generation %}` (needed for the assistant mask)."""
+    if isinstance(chat_template, Mapping):
+        # A processor with several named templates renders chats with its "default" one.
+        chat_template = chat_template.get("default")
+    return isinstance(chat_template, str) and GENERATION_MARKER.search(chat_template) is not None
+
+
+def _with_eos(messages: list[dict[str, Any]], eos_token: str) -> list[dict[str, Any]]:
+    """Copy of `messages` with `eos_token` appended to every assistant text."""
+    return [
+        {
+            **message,
+            "content": [
+                {**item, "text": item["text"] + eos_token} if item["type"] == "text" else item
+                for item in message["content"]
+            ],
+        }
+        if message["role"] == "assistant"
+        else message
+        for message in messages
+    ]
+
+
+def _render(processor: ProcessorMixin, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _starts_with_bos(processor: ProcessorMixin, text: str) -> bool:
+    # A template that writes the BOS token itself must not get a second one from the tokenizer.
+    bos_token = processor.tokenizer.bos_token
+    return bos_token is not None and text.startswith(bos_token)
+
+
+def chat_template_emits_eos(processor: ProcessorMixin) -> bool:
+    """Whether the processor's chat template itself closes an assistant answer with the tokenizer's EOS token."""
+    eos_token = processor.tokenizer.eos_token
+    prompt = _render(processor, _PROBE_MESSAGES[:1], add_generation_prompt=True)
+    full = _render(processor, _PROBE_MESSAGES, add_generation_prompt=False)
+    return full[len(prompt) :].rstrip().endswith(eos_token)
+
+
+def _answer_span(text: str, start: int, end: int) -> tuple[int, int]:
+    """Shrink `[start, end)` to exclude the whitespace a template puts around an answer."""
+    answer = text[start:end]
+    return start + len(answer) - len(answer.lstrip()), start + len(answer.rstrip())
+
+
+def _spans_by_prefixes(
+    processor: ProcessorMixin, messages: list[dict[str, Any]], text: str, eos_token: str
+) -> list[tuple[int, int]]:
+    """Character spans of the answers in `text`: an answer is what `render(turns[:k + 1])` adds to the prompt
+    `render(turns[:k], add_generation_prompt=True)`. Works for any template whose prefixes extend each other."""
+    spans = []
+    for turn, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = _render(processor, messages[:turn], add_generation_prompt=True)
+        through_answer = _render(processor, messages[: turn + 1], add_generation_prompt=False)
+        if not (through_answer.startswith(prompt) and text.startswith(through_answer)):
+            raise ChatTemplateError(
+                "The chat template renders a conversation prefix differently from the full conversation, so "
+                f"assistant turns cannot be located. Prefix ending at turn {turn}: {through_answer!r}"
+            )
+        start, end = _answer_span(text, len(prompt), len(through_answer))
+        if not text[start:end].endswith(eos_token):
+            raise ChatTemplateError(
+                f"Assistant turn {turn} does not end with the EOS token {eos_token!r} after rendering: "
+                f"{text[start:end]!r}"
+            )
+        spans.append((start, end))
+    return spans
+
+
+def render_conversation(processor: ProcessorMixin, messages: list[dict[str, Any]]) -> RenderedConversation:
+    """Render `messages` with a chat template that has no generation markers and locate the answers in the text.
+
+    Each span runs from the first non-space character of an answer to the end of its EOS token, so the role header
+    and the whitespace the template puts around answers stay unsupervised. `messages` must already end every answer
+    with EOS when the template does not write it.
+    """
+    text = _render(processor, messages, add_generation_prompt=False)
+    spans = _spans_by_prefixes(processor, messages, text, processor.tokenizer.eos_token)
+    # Trailing whitespace after the last answer would only add an unsupervised token.
+    return RenderedConversation(text=text.rstrip(), assistant_spans=spans)
+
+
+def _shift_spans(spans: list[tuple[int, int]], replacements: list[dict[str, Any]]) -> list[tuple[int, int]]:
+    """Move character spans of the prompt to where they are after the processor expanded its `<image>` tokens."""
+    shifted = []
+    for start, end in spans:
+        # Every placeholder that ends at or before the span start pushes the span right by what it grew.
+        gained = sum(r["new_span"][1] - r["span"][1] for r in replacements if r["span"][1] <= start)
+        shifted.append((start + gained, end + gained))
+    return shifted
+
+
+def tokens_in_spans(offsets: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
+    """Bool mask `[seq_len]` of the tokens that overlap a character span.
+
+    `offsets` is the tokenizer's offset mapping `[seq_len, 2]`; tokens it does not place in the text (such as the
+    BOS token the tokenizer adds, offsets `(0, 0)`) never overlap a span.
+    """
+    inside = torch.zeros(len(offsets), dtype=torch.bool)
+    for start, end in spans:
+        inside |= (offsets[:, 0] < end) & (offsets[:, 1] > start)
+    return inside
+
+
+def _runs(flags: torch.Tensor) -> list[tuple[int, int]]:
+    """`[start, end)` ranges of consecutive True values."""
+    runs, start = [], None
+    for position, flag in enumerate(flags.tolist() + [False]):
         if flag and start is None:
             start = position
         elif not flag and start is not None:
-            spans.append((start, position))
+            runs.append((start, position))
             start = None
-    return spans
+    return runs
 
 
 def truncation_point(
     input_ids: torch.Tensor, labels: torch.Tensor, max_length: int, image_token_id: int
 ) -> int | None:
     """`max_length` if cutting there splits no image span and keeps a supervised token, else None."""
-    if any(start < max_length < end for start, end in _image_token_spans(input_ids, image_token_id)):
+    if any(start < max_length < end for start, end in _runs(input_ids == image_token_id)):
         return None
     if not bool((labels[:max_length] != IGNORE_INDEX).any()):
         return None
     return max_length
+
+
+def fit_to_length(
+    record_id: str,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    max_length: int,
+    *,
+    truncate: bool,
+    image_token_id: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`input_ids` and `labels` cut to `max_length` when `truncate` allows it; raises `BadRecordError` if too long."""
+    if len(input_ids) <= max_length:
+        return input_ids, labels
+    cut = truncation_point(input_ids, labels, max_length, image_token_id) if truncate else None
+    if cut is None:
+        raise BadRecordError(
+            record_id,
+            TOO_LONG,
+            f"{len(input_ids)} tokens > max_length {max_length}"
+            + (" and truncation would split an image or drop every answer" if truncate else ""),
+        )
+    return input_ids[:cut], labels[:cut]
+
+
+class ConversationEncoder:
+    """Turns a `Conversation` and its decoded image into `{input_ids, labels, pixel_values}` with a LLaVA processor.
+
+    Args:
+        processor: A LLaVA processor with a chat template (`LlavaProcessor` of the checkpoint being trained).
+        assistant_only_loss: Supervise the assistant answers only (LLaVA). False: every text token (prompts too,
+            image placeholders never), the next-token loss of pretraining, e.g. for a model trained from scratch.
+    """
+
+    def __init__(self, processor: ProcessorMixin, assistant_only_loss: bool = True):
+        if getattr(processor, "chat_template", None) is None:
+            raise ChatTemplateError("The processor has no chat template; prompts are built with it.")
+        tokenizer = processor.tokenizer
+        if tokenizer.eos_token is None:
+            raise ValueError("The tokenizer has no EOS token; assistant turns must end with one.")
+        self.processor = processor
+        self.assistant_only_loss = assistant_only_loss
+        self.image_token = getattr(processor, "image_token", DEFAULT_IMAGE_TOKEN)
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.append_eos = not chat_template_emits_eos(processor)
+        self.uses_generation_markers = has_generation_markers(processor.chat_template)
+        self._image_tokens_by_size: dict[tuple[int, int], int] = {}
+        self._blank_tokens: dict[int, bool] = {}
+        if self.uses_generation_markers:
+            # Unusable markers are a setup problem: raise `ChatTemplateError` now, not at the first training sample.
+            self.encode(Conversation("chat template probe", None, _PROBE_MESSAGES), image=None)
+
+    def messages(self, conversation: Conversation) -> list[dict[str, Any]]:
+        """The chat-template messages, each answer closed by EOS when the template does not write it."""
+        if self.append_eos:
+            return _with_eos(conversation.messages, self.processor.tokenizer.eos_token)
+        return conversation.messages
+
+    def render(self, conversation: Conversation) -> str:
+        """The prompt text that `encode` tokenizes (one `<image>` per image, before expansion)."""
+        messages = self.messages(conversation)
+        if self.uses_generation_markers:
+            return _render(self.processor, messages, add_generation_prompt=False).rstrip()
+        # Also checks that the answers can be located, so `scan()` catches unusable templates.
+        return render_conversation(self.processor, messages).text
+
+    def count_tokens(self, conversation: Conversation, image_size: tuple[int, int] | None) -> int:
+        """Length of `encode`'s output, counting image placeholders from the image size instead of its pixels."""
+        text = self.render(conversation)
+        tokens = self.processor.tokenizer(text, add_special_tokens=not _starts_with_bos(self.processor, text))
+        length = len(tokens["input_ids"])
+        if image_size is not None:
+            # The text already counts the `<image>` token itself once.
+            length += self.image_tokens_for_size(*image_size) - 1
+        return length
+
+    def image_tokens_for_size(self, width: int, height: int) -> int:
+        """Placeholder tokens an image of this size expands to (measured once per size on a blank image)."""
+        size = (width, height)
+        if size not in self._image_tokens_by_size:
+            encoding = self.processor(
+                images=[Image.new("RGB", size)], text=[self.image_token], add_special_tokens=False
+            )
+            self._image_tokens_by_size[size] = sum(token == self.image_token_id for token in encoding["input_ids"][0])
+        return self._image_tokens_by_size[size]
+
+    def encode(self, conversation: Conversation, image: Image.Image | None) -> dict[str, torch.Tensor]:
+        """`input_ids` and `labels` `[seq_len]`, plus `pixel_values` `[1, 3, H, W]` when `image` is given."""
+        messages = self.messages(conversation)
+        if self.uses_generation_markers:
+            input_ids, answers, pixel_values = self._tokenize_with_mask(messages, image)
+        else:
+            input_ids, answers, pixel_values = self._tokenize_with_spans(messages, image)
+        if self.assistant_only_loss:
+            labels = input_ids.masked_fill(~answers, IGNORE_INDEX)
+        else:
+            labels = input_ids.masked_fill(input_ids == self.image_token_id, IGNORE_INDEX)
+        encoded = {"input_ids": input_ids, "labels": labels}
+        if pixel_values is not None:
+            encoded["pixel_values"] = pixel_values
+        return encoded
+
+    def _tokenize_with_mask(
+        self, messages: list[dict[str, Any]], image: Image.Image | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Token ids, answer mask and pixels from `apply_chat_template`'s assistant mask (generation markers)."""
+        encoding = self.processor.apply_chat_template(
+            messages,
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
+            return_tensors="pt",
+            processor_kwargs={"images": [image]} if image is not None else {},
+        )
+        input_ids = encoding["input_ids"][0]
+        marked = encoding["assistant_masks"][0].bool()
+        # LLaVA's prompts end with the last `</s>`; the space some templates write after it would be a blank token.
+        end = len(input_ids)
+        while end > 0 and self._is_blank(int(input_ids[end - 1])):
+            end -= 1
+        input_ids, marked = input_ids[:end], marked[:end]
+        return input_ids, self._answers_in_marked_runs(input_ids, marked), encoding.get("pixel_values")
+
+    def _answers_in_marked_runs(self, input_ids: torch.Tensor, marked: torch.Tensor) -> torch.Tensor:
+        """Each run of marked tokens cut back to its answer: first non-blank token through the closing EOS.
+
+        The mask covers every token overlapping the template's generation block, including tokens that only carry
+        the whitespace the template writes around the answer (Llama's "▁USER:" after `</s> `). A template that
+        writes EOS right after the block, outside it, still gets that EOS supervised.
+        """
+        runs = _runs(marked)
+        if not runs:
+            raise ChatTemplateError("The chat template's {% generation %} blocks mark no token of the conversation.")
+        eos_token_id = self.processor.tokenizer.eos_token_id
+        answers = torch.zeros_like(marked)
+        for start, end in runs:
+            while start < end and self._is_blank(int(input_ids[start])):
+                start += 1
+            eos_positions = (input_ids[start:end] == eos_token_id).nonzero().flatten().tolist()
+            if eos_positions:
+                end = start + eos_positions[-1] + 1
+            elif end < len(input_ids) and int(input_ids[end]) == eos_token_id:
+                end += 1
+            else:
+                text = self.processor.tokenizer.decode(input_ids[start:end])
+                raise ChatTemplateError(
+                    f"A {{% generation %}} block of the chat template is not closed by the EOS token: {text!r}"
+                )
+            answers[start:end] = True
+        return answers
+
+    def _is_blank(self, token_id: int) -> bool:
+        """Whether a token decodes to whitespace only ("▁", "Ġ", "<0x0A>", ...: decoding covers every family)."""
+        if token_id not in self._blank_tokens:
+            text = self.processor.tokenizer.decode([token_id], skip_special_tokens=False)
+            self._blank_tokens[token_id] = not text.strip()
+        return self._blank_tokens[token_id]
+
+    def _tokenize_with_spans(
+        self, messages: list[dict[str, Any]], image: Image.Image | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Token ids, answer mask and pixels from prefix rendering (templates without generation markers)."""
+        rendered = render_conversation(self.processor, messages)
+        encoding = self.processor(
+            images=[image] if image is not None else None,
+            text=[rendered.text],
+            add_special_tokens=not _starts_with_bos(self.processor, rendered.text),
+            return_offsets_mapping=True,
+            return_text_replacement_offsets=True,
+            return_tensors="pt",
+        )
+        spans = _shift_spans(rendered.assistant_spans, encoding["text_replacement_offsets"][0])
+        answers = tokens_in_spans(encoding["offset_mapping"][0], spans)
+        return encoding["input_ids"][0], answers, encoding.get("pixel_values")
+
+
+def _word_count(record: Any) -> int:
+    """Whitespace-separated words of all turns of a raw record (0 when it has none)."""
+    if not isinstance(record, Mapping) or not isinstance(record.get("conversations"), list):
+        return 0
+    return sum(
+        len(turn["value"].split())
+        for turn in record["conversations"]
+        if isinstance(turn, Mapping) and isinstance(turn.get("value"), str)
+    )
 
 
 class LlavaInstructDataset(Dataset):
@@ -454,25 +610,16 @@ class LlavaInstructDataset(Dataset):
             raise ValueError(f"on_bad_record must be one of {BAD_RECORD_POLICIES}, got {on_bad_record!r}")
         if max_length <= 0:
             raise ValueError(f"max_length must be positive, got {max_length}")
-        if getattr(processor, "chat_template", None) is None:
-            raise ChatTemplateError("The processor has no chat template; prompts are built with it.")
-        tokenizer = processor.tokenizer
-        if tokenizer.eos_token is None:
-            raise ValueError("The tokenizer has no EOS token; assistant turns must end with one.")
+        self.encoder = ConversationEncoder(processor, assistant_only_loss=assistant_only_loss)
         self.records = records
         self.processor = processor
         self.image_folder = Path(image_folder) if image_folder is not None else None
         self.max_length = max_length
         self.on_bad_record = on_bad_record
         self.truncate_long_samples = truncate_long_samples
-        self.assistant_only_loss = assistant_only_loss
-        self.image_token = getattr(processor, "image_token", DEFAULT_IMAGE_TOKEN)
-        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-        self.append_eos = not chat_template_emits_eos(processor)
         self.stats = DataStats()
         # Positions in `records` that this dataset serves; `scan()` removes bad ones under the "skip" policy.
         self.indices: list[int] = list(range(len(records)))
-        self._image_tokens_by_size: dict[tuple[int, int], int] = {}
 
     @classmethod
     def from_json(
@@ -509,69 +656,24 @@ class LlavaInstructDataset(Dataset):
 
     def conversation(self, record_index: int) -> Conversation:
         """Validated chat-template messages of `records[record_index]` (raises `BadRecordError`)."""
-        return record_to_conversation(self.records[record_index], record_index, self.image_token)
-
-    def render(self, conversation: Conversation) -> RenderedConversation:
-        return render_conversation(self.processor, conversation.messages, append_eos=self.append_eos)
-
-    def _tokenizer_adds_bos(self, text: str) -> bool:
-        # A template that writes the BOS token itself must not get a second one from the tokenizer.
-        bos_token = self.processor.tokenizer.bos_token
-        return not (bos_token is not None and text.startswith(bos_token))
+        return record_to_conversation(self.records[record_index], record_index, self.encoder.image_token)
 
     def encode(self, record_index: int) -> dict[str, Any]:
         """Full encoding of `records[record_index]` (image decoded and processed); raises `BadRecordError`."""
         conversation = self.conversation(record_index)
-        rendered = self.render(conversation)
-        images = None
+        image = None
         if conversation.image is not None:
-            images = [load_image(self.image_path(conversation.image), conversation.record_id)]
-        encoding = self.processor(
-            images=images,
-            text=[rendered.text],
-            add_special_tokens=self._tokenizer_adds_bos(rendered.text),
-            return_offsets_mapping=True,
-            return_text_replacement_offsets=True,
-            return_tensors="pt",
+            image = load_image(self.image_path(conversation.image), conversation.record_id)
+        encoded = self.encoder.encode(conversation, image)
+        encoded["input_ids"], encoded["labels"] = fit_to_length(
+            conversation.record_id,
+            encoded["input_ids"],
+            encoded["labels"],
+            self.max_length,
+            truncate=self.truncate_long_samples,
+            image_token_id=self.encoder.image_token_id,
         )
-        input_ids = encoding["input_ids"][0]
-        if self.assistant_only_loss:
-            spans = _shift_spans(rendered.assistant_spans, encoding["text_replacement_offsets"][0])
-            labels = labels_from_spans(input_ids, encoding["offset_mapping"][0], spans)
-        else:
-            labels = input_ids.masked_fill(input_ids == self.image_token_id, IGNORE_INDEX)
-        input_ids, labels = self._fit_length(conversation.record_id, input_ids, labels)
-        sample = {"id": conversation.record_id, "input_ids": input_ids, "labels": labels}
-        if images is not None:
-            sample["pixel_values"] = encoding["pixel_values"]
-        return sample
-
-    def _fit_length(
-        self, record_id: str, input_ids: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if len(input_ids) <= self.max_length:
-            return input_ids, labels
-        cut = None
-        if self.truncate_long_samples:
-            cut = truncation_point(input_ids, labels, self.max_length, self.image_token_id)
-        if cut is None:
-            raise BadRecordError(
-                record_id,
-                TOO_LONG,
-                f"{len(input_ids)} tokens > max_length {self.max_length}"
-                + (" and truncation would split an image or drop every answer" if self.truncate_long_samples else ""),
-            )
-        return input_ids[:cut], labels[:cut]
-
-    def image_tokens_for_size(self, width: int, height: int) -> int:
-        """Placeholder tokens an image of this size expands to (measured once per size on a blank image)."""
-        size = (width, height)
-        if size not in self._image_tokens_by_size:
-            encoding = self.processor(
-                images=[Image.new("RGB", size)], text=[self.image_token], add_special_tokens=False
-            )
-            self._image_tokens_by_size[size] = sum(token == self.image_token_id for token in encoding["input_ids"][0])
-        return self._image_tokens_by_size[size]
+        return {"id": conversation.record_id, **encoded}
 
     def check(self, record_index: int, decode_images: bool = False) -> None:
         """Validate `records[record_index]` without producing tensors (raises `BadRecordError`).
@@ -584,17 +686,10 @@ class LlavaInstructDataset(Dataset):
             self.encode(record_index)
             return
         conversation = self.conversation(record_index)
-        rendered = self.render(conversation)
-        length = len(
-            self.processor.tokenizer(rendered.text, add_special_tokens=self._tokenizer_adds_bos(rendered.text))[
-                "input_ids"
-            ]
-        )
+        image_size = None
         if conversation.image is not None:
-            width, height = check_image_file(self.image_path(conversation.image), conversation.record_id)
-            # The text already counts the `<image>` token itself once.
-            length += self.image_tokens_for_size(width, height) - 1
-        if length > self.max_length:
+            image_size = check_image_file(self.image_path(conversation.image), conversation.record_id)
+        if self.encoder.count_tokens(conversation, image_size) > self.max_length:
             # Rare: whether truncation is allowed depends on exact positions, so encode for real.
             self.encode(record_index)
 
@@ -604,6 +699,26 @@ class LlavaInstructDataset(Dataset):
         Under "skip" the bad records are removed from the dataset (so `len(self)` and `modality_lengths()` cover only
         good ones); under "error" a `DataValidationError` lists the problems found, after checking all records.
         """
+        stats, errors, good = self._check_all(decode_images, num_workers, show_progress)
+        self.stats = stats
+        if errors and self.on_bad_record == "error":
+            listed = "\n".join(f"  - {error}" for error in errors)
+            more = f"\n  ... and {stats.num_skipped - len(errors)} more" if stats.num_skipped > len(errors) else ""
+            raise DataValidationError(
+                f"{stats.num_skipped} bad data record(s) ({stats.summary()}):\n{listed}{more}\n"
+                'Fix them or pass on_bad_record="skip" to skip them.'
+            )
+        if not good:
+            raise DataValidationError(f"No usable record in the data set ({stats.summary()})")
+        if errors:
+            logger.warning("Data scan: %s", stats.summary())
+        self.indices = good
+        return stats
+
+    def _check_all(
+        self, decode_images: bool, num_workers: int, show_progress: bool
+    ) -> tuple[DataStats, list[BadRecordError], list[int]]:
+        """Counts, the first `MAX_LISTED_ERRORS` problems and the good record indices, over `self.indices`."""
         stats = DataStats()
         errors: list[BadRecordError] = []
         good: list[int] = []
@@ -622,20 +737,7 @@ class LlavaInstructDataset(Dataset):
                     if len(errors) < MAX_LISTED_ERRORS:
                         errors.append(error)
                 bar.update(len(outcomes))
-        self.stats = stats
-        if errors and self.on_bad_record == "error":
-            listed = "\n".join(f"  - {error}" for error in errors)
-            more = f"\n  ... and {stats.num_skipped - len(errors)} more" if stats.num_skipped > len(errors) else ""
-            raise DataValidationError(
-                f"{stats.num_skipped} bad data record(s) ({stats.summary()}):\n{listed}{more}\n"
-                'Fix them or pass on_bad_record="skip" to skip them.'
-            )
-        if not good:
-            raise DataValidationError(f"No usable record in the data set ({stats.summary()})")
-        if errors:
-            logger.warning("Data scan: %s", stats.summary())
-        self.indices = good
-        return stats
+        return stats, errors, good
 
     def modality_lengths(self) -> list[int]:
         """LLaVA's lengths for `group_by_modality_length`: word count of the conversation, negative if text-only.
@@ -645,14 +747,7 @@ class LlavaInstructDataset(Dataset):
         lengths = []
         for record_index in self.indices:
             record = self.records[record_index]
-            words = 0
-            if isinstance(record, Mapping) and isinstance(record.get("conversations"), list):
-                words = sum(
-                    len(turn["value"].split())
-                    for turn in record["conversations"]
-                    if isinstance(turn, Mapping) and isinstance(turn.get("value"), str)
-                )
-            words = max(words, 1)
+            words = max(_word_count(record), 1)
             has_image = isinstance(record, Mapping) and record.get("image") is not None
             lengths.append(words if has_image else -words)
         return lengths

@@ -12,9 +12,27 @@ The paper's "budget" is the mean, over all decoder layers, of the vision tokens 
 """
 
 import math
+import re
 
-from huggingface_hub.dataclasses import strict
-from transformers import LlavaConfig
+import transformers
+
+# The oldest transformers these files run on (5.24 renamed `past_key_values` to `cache` in the model forwards they
+# call); checked before anything else is imported so that an older install fails with this message, not a stray one.
+MIN_TRANSFORMERS_VERSION = "5.24.0"
+
+
+def _release(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.match(r"(\d+)\.(\d+)\.?(\d*)", version).groups() if part)
+
+
+if _release(transformers.__version__) < _release(MIN_TRANSFORMERS_VERSION):
+    raise ImportError(
+        f"ADSC-LLaVA's remote code needs transformers >= {MIN_TRANSFORMERS_VERSION}, but transformers "
+        f"{transformers.__version__} is installed: pip install -U 'transformers>={MIN_TRANSFORMERS_VERSION}'"
+    )
+
+from huggingface_hub.dataclasses import strict  # noqa: E402
+from transformers import LlavaConfig  # noqa: E402
 
 # The paper's pruning layers for a 32-layer LLM (LLaVA-1.5-7B); other depths scale them proportionally.
 PAPER_PRUNING_LAYERS = (2, 8, 16, 24)

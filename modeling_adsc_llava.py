@@ -28,10 +28,11 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 from transformers import LlavaForConditionalGeneration, LlavaModel
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.masking_utils import create_causal_mask
 from transformers.models.llava.modeling_llava import LlavaModelOutputWithPast, LlavaPreTrainedModel
+from transformers.utils.generic import can_return_tuple
 
 from .configuration_adsc_llava import AdscLlavaConfig, num_kept_tokens, validate_schedule
 
@@ -47,9 +48,6 @@ PROFILER_RANGES = {
     "stage_mask": "adsc::stage_causal_mask",
     "gather_outputs": "adsc::gather_outputs",
 }
-
-# Name of the attribute holding, on a cache filled by ADSC, the padding mask of the keys cached in each stage.
-CACHE_KEY_MASKS_ATTRIBUTE = "adsc_key_masks"
 
 
 def uniform_keep_indices(num_tokens: int, num_keep: int) -> torch.LongTensor:
@@ -132,6 +130,16 @@ class TokenStream:
             image_offsets=image_offsets,
         )
 
+    def to(self, device: torch.device) -> "TokenStream":
+        """The stream with every per-token tensor on `device` (with a `device_map`, where the next layer runs)."""
+        if self.source_index.device == device:
+            return self
+        return TokenStream(**{name: getattr(self, name).to(device) for name in self.__dataclass_fields__})
+
+    def key_index(self, past_length: int) -> torch.LongTensor:
+        """`(batch, stage_len)` index of each token in the full sequence (`past + seq`), -1 for filler slots."""
+        return torch.where(self.token_valid, self.source_index + past_length, -1)
+
 
 def vision_keep_pattern(num_alive: int, drop_ratio: float, device: torch.device) -> torch.BoolTensor:
     """`(num_alive,)` mask of an image's alive vision tokens that survive one pruning layer."""
@@ -192,18 +200,188 @@ def scatter_to_input_positions(
         outputs = stream.hidden_states.new_zeros(batch_size * (sequence_length + 1), hidden_size)
     row_offsets = torch.arange(batch_size, device=stream.source_index.device)[:, None] * (sequence_length + 1)
     index = torch.where(stream.token_valid, stream.source_index, sequence_length) + row_offsets
-    return outputs.index_copy_(0, index.flatten(), stream.hidden_states.reshape(-1, hidden_size))
+    hidden_states = stream.hidden_states.reshape(-1, hidden_size).to(outputs.device)
+    return outputs.index_copy_(0, index.flatten().to(outputs.device), hidden_states)
+
+
+class AdscCacheLayer(DynamicLayer):
+    """A `DynamicLayer` that also records, for each cached key, whether it may be attended to and where it stands.
+
+    After a pruning layer a layer caches a subset of the sequence, so its keys alone no longer tell which of them were
+    padding (or filler slots of shorter rows) nor which input positions they came from. Both ride along here, and
+    every cache operation transformers performs (beam reordering, batch selection and repetition, cropping for
+    assisted decoding, reset, offloading) applies to them together with the keys.
+
+    Attributes:
+        key_mask: `(batch, cached)` bool, False for padding and filler slots (None before the first forward).
+        key_index: `(batch, cached)` long, each key's index in the full sequence seen so far, -1 for filler slots.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.key_mask: torch.BoolTensor | None = None
+        self.key_index: torch.LongTensor | None = None
+
+    def append_key_info(self, key_mask: torch.BoolTensor, key_index: torch.LongTensor) -> None:
+        """Record the mask and indices of the `(batch, new)` keys this layer is about to cache."""
+        if self.key_mask is None:
+            self.key_mask, self.key_index = key_mask, key_index
+            return
+        self.key_mask = torch.cat([self.key_mask, key_mask.to(self.key_mask.device)], dim=1)
+        self.key_index = torch.cat([self.key_index, key_index.to(self.key_index.device)], dim=1)
+
+    def _apply_to_key_info(self, function) -> None:
+        if self.key_mask is not None:
+            self.key_mask, self.key_index = function(self.key_mask), function(self.key_index)
+
+    def reset(self) -> None:
+        super().reset()
+        self.key_mask = self.key_index = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._apply_to_key_info(lambda tensor: tensor.index_select(0, beam_idx.to(tensor.device)))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        if tokens_to_remove < 0:
+            self._apply_to_key_info(lambda tensor: tensor[:, :tokens_to_remove])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._apply_to_key_info(lambda tensor: tensor.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._apply_to_key_info(lambda tensor: tensor[indices.to(tensor.device)])
+
+    def offload(self) -> None:
+        super().offload()
+        self._apply_to_key_info(lambda tensor: tensor.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        super().prefetch()
+        if self.is_initialized:
+            self._apply_to_key_info(lambda tensor: tensor.to(self.device, non_blocking=True))
+
+
+class AdscCache(DynamicCache):
+    """The cache ADSC-LLaVA fills: a `DynamicCache` with one `AdscCacheLayer` per decoder layer.
+
+    Layers cache different numbers of tokens (`get_seq_length(layer_idx)` is the text plus that layer's vision tokens),
+    and each layer keeps its keys' padding mask and positions in step with its keys. `generate()` creates it; a plain
+    `DynamicCache` passed by a caller is adopted while still empty (see `AdscLlavaModel.cache_for_forward`).
+    """
+
+    def __init__(self, config, offloading: bool = False, offload_only_non_sliding: bool = False):
+        num_layers = config.get_text_config(decoder=True).num_hidden_layers
+        Cache.__init__(
+            self,
+            layers=[AdscCacheLayer() for _ in range(num_layers)],
+            offloading=offloading,
+            offload_only_non_sliding=offload_only_non_sliding,
+        )
+
+
+def refuse_cache(cache: Cache) -> None:
+    """Raise the error that says why ADSC-LLaVA cannot fill `cache`."""
+    name = type(cache).__name__
+    if cache.is_compileable:
+        reason = (
+            "static (compile) caches give every layer the same length, but after a pruning layer the layers cache "
+            "fewer tokens"
+        )
+    elif "Quantized" in name or any("Quantized" in type(layer).__name__ for layer in cache.layers):
+        reason = (
+            "its layers keep keys in a quantized store plus a residual of recent keys, which ADSC cannot keep in step "
+            "with its per-key padding masks"
+        )
+    elif cache.get_seq_length() > 0:
+        reason = "it already holds keys that ADSC-LLaVA did not cache, so which tokens each stage kept is unknown"
+    else:
+        reason = "only a DynamicCache of full-attention layers (or an AdscCache) can hold a different length per layer"
+    raise ValueError(
+        f"ADSC-LLaVA cannot use a {name}: {reason}. Let generate() create its cache (cache_implementation None, "
+        "'dynamic' or 'offloaded'), or pass an empty DynamicCache / AdscCache."
+    )
+
+
+class LayerOutputs:
+    """Per-layer hidden states and attention weights at the forward's input positions.
+
+    `hidden_states[i]` is `(batch, seq, hidden)`: entry 0 the embeddings, entry `i` every token's state after layer
+    `i - 1`, where a token dropped before that layer carries the state it had when it was dropped; the last entry is
+    the normed output, as in stock models. `attentions[i]` is layer `i`'s `(batch, heads, seq, past + seq)` attention
+    weights (eager attention), zero in the rows of tokens the layer did not see and the columns of keys it did not see.
+    """
+
+    def __init__(self, inputs_embeds: torch.Tensor, past_length: int, hidden: bool | list[int], attentions: bool):
+        self.batch_size, self.sequence_length, _ = inputs_embeds.shape
+        self.past_length = past_length
+        if isinstance(hidden, int) and not isinstance(hidden, bool):
+            hidden = [hidden]  # `output_hidden_states` may select states by index, as in stock models
+        self.selected = None if isinstance(hidden, bool) else {int(index) for index in hidden}
+        self.record_hidden = bool(hidden) or self.selected is not None
+        self.record_attentions = attentions
+        self.current = None  # flat `(batch * (seq + 1), hidden)` latest states, see `scatter_to_input_positions`
+        self.hidden_states: list[torch.Tensor | None] = []
+        self.attentions: list[torch.Tensor] = []
+        if self.record_hidden:
+            padded = nn.functional.pad(inputs_embeds, (0, 0, 0, 1))
+            self.current = padded.reshape(-1, inputs_embeds.shape[-1])
+            self.hidden_states.append(inputs_embeds)
+
+    def add_layer(self, stream: TokenStream, attention_weights: torch.Tensor | None, key_index: torch.LongTensor):
+        """Record one layer's output `stream` and its stage-local `(batch, heads, stage_len, keys)` weights."""
+        if self.record_hidden:
+            self.current = scatter_to_input_positions(self.current.clone(), stream, self.sequence_length)
+            view = self.current.view(self.batch_size, self.sequence_length + 1, -1)[:, : self.sequence_length]
+            self.hidden_states.append(view)
+        if self.record_attentions and attention_weights is not None:
+            self.attentions.append(self.full_attention_weights(stream, attention_weights, key_index))
+
+    def full_attention_weights(
+        self, stream: TokenStream, weights: torch.Tensor, key_index: torch.LongTensor
+    ) -> torch.Tensor:
+        """Scatter stage-local weights to `(batch, heads, seq, past + seq)`; filler rows and keys go to a trash row."""
+        batch_size, num_heads, _, _ = weights.shape
+        total_keys = self.past_length + self.sequence_length
+        full = weights.new_zeros(batch_size, num_heads, self.sequence_length + 1, total_keys + 1)
+        key_index = key_index.to(weights.device)
+        rows = torch.where(stream.token_valid, stream.source_index, self.sequence_length).to(weights.device)
+        columns = torch.where(key_index >= 0, key_index, total_keys)
+        batch = torch.arange(batch_size, device=weights.device)[:, None, None]
+        # Advanced indices around a slice put their dimensions first: (batch, rows, columns, heads).
+        full[batch, :, rows[:, :, None], columns[:, None, :]] = weights.permute(0, 2, 3, 1)
+        return full[:, :, : self.sequence_length, :total_keys]
+
+    def finish(self, last_hidden_state: torch.Tensor) -> dict:
+        """The `hidden_states` / `attentions` entries of the model output (absent when not asked for)."""
+        outputs = {}
+        if self.record_hidden:
+            states = self.hidden_states[:-1] + [last_hidden_state]
+            if self.selected is not None:
+                count = len(states)
+                wanted = {index % count for index in self.selected if -count <= index < count}
+                states = [state if index in wanted else None for index, state in enumerate(states)]
+            outputs["hidden_states"] = tuple(states)
+        if self.record_attentions:
+            outputs["attentions"] = tuple(self.attentions)
+        return outputs
 
 
 class AdscLlavaModel(LlavaModel):
     """`LlavaModel` whose language model drops vision tokens at `config.adsc_pruning_layers`."""
 
     config_class = AdscLlavaConfig
+    # The number of tokens each stage keeps is data-dependent (text-only rows keep all), so no single graph.
+    _can_compile_fullgraph = False
 
     def __init__(self, config: AdscLlavaConfig):
         check_text_model_supported(config)
         super().__init__(config)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -226,12 +404,6 @@ class AdscLlavaModel(LlavaModel):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if pixel_values is not None and mm_encoder_outputs is not None:
             raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs at the same time")
-        if kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
-            raise ValueError(
-                "ADSC-LLaVA does not return per-layer attentions or hidden states: after a pruning layer the layers "
-                "see different tokens. Use a stock LlavaForConditionalGeneration for that analysis."
-            )
-
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
@@ -248,7 +420,7 @@ class AdscLlavaModel(LlavaModel):
         inputs_embeds, image_offsets, tokens_per_image = self.merge_image_features(
             input_ids, inputs_embeds, mm_encoder_outputs.get("image")
         )
-        last_hidden_state, cache = self.run_decoder(
+        last_hidden_state, cache, layer_outputs = self.run_decoder(
             inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -259,7 +431,10 @@ class AdscLlavaModel(LlavaModel):
             **kwargs,
         )
         return LlavaModelOutputWithPast(
-            last_hidden_state=last_hidden_state, cache=cache, image_outputs=mm_encoder_outputs.get("image")
+            last_hidden_state=last_hidden_state,
+            cache=cache,
+            image_outputs=mm_encoder_outputs.get("image"),
+            **layer_outputs,
         )
 
     def merge_image_features(
@@ -311,32 +486,35 @@ class AdscLlavaModel(LlavaModel):
         image_offsets: torch.LongTensor,
         tokens_per_image: int,
         **kwargs,
-    ) -> tuple[torch.Tensor, Cache | None]:
+    ) -> tuple[torch.Tensor, Cache | None, dict]:
         """The language model's forward with vision tokens dropped at the pruning layers.
 
         Args:
             inputs_embeds: `(batch, seq, hidden)` embeddings with image features merged in.
             attention_mask: `(batch, past + seq)` padding mask over the original positions, or None.
             position_ids: `(batch, seq)` RoPE positions; default `past + arange(seq)` (past = layer 0's cache).
-            cache: a `DynamicCache` (or None); each layer caches only the tokens it saw.
+            cache: an `AdscCache`, an empty `DynamicCache` (adopted) or None; each layer caches only the tokens it saw.
             image_offsets: `(batch, seq)` index of each image token within its image, -1 for text.
             tokens_per_image: vision tokens per image at the input.
+            kwargs: passed to the decoder layers; `output_hidden_states` / `output_attentions` (or the same flags on
+                the config) ask for per-layer outputs (`LayerOutputs`).
 
         Returns:
-            `(batch, seq, hidden)` normed hidden states at every input position, and the cache.
+            `(batch, seq, hidden)` normed hidden states at every input position, the cache, and the per-layer outputs
+            asked for (`{"hidden_states": ..., "attentions": ...}`, empty when none).
         """
         config = self.config
         validate_schedule(config.text_config.num_hidden_layers, config.adsc_pruning_layers, config.adsc_drop_ratio)
         language_model = self.language_model
         batch_size, sequence_length, _ = inputs_embeds.shape
 
-        check_cache_and_mask(cache, attention_mask)
-        if use_cache and cache is None:
-            cache = DynamicCache(config=config.text_config)
+        check_attention_mask(attention_mask)
+        cache = self.cache_for_forward(cache, use_cache)
         past_length = cache.get_seq_length(0) if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past_length, past_length + sequence_length, device=inputs_embeds.device)
         stream = TokenStream.from_inputs(inputs_embeds, position_ids, attention_mask, image_offsets)
+        recorder = self.layer_outputs_recorder(inputs_embeds, past_length, kwargs)
         has_vision_tokens = bool((image_offsets >= 0).any())
         pruning_layers = set(config.adsc_pruning_layers)
         alive_per_image = tokens_per_image
@@ -346,53 +524,91 @@ class AdscLlavaModel(LlavaModel):
         position_embeddings = language_model.rotary_emb(stream.hidden_states, stream.position_ids)
         for layer_idx, decoder_layer in enumerate(language_model.layers[: config.text_config.num_hidden_layers]):
             if layer_idx == 0 or layer_idx in pruning_layers:
+                stream = stream.to(stream.hidden_states.device)  # with a device_map, layers run on several devices
                 if layer_idx > 0 and has_vision_tokens:
                     with record_function(PROFILER_RANGES["prune"]):
                         dropped_outputs = scatter_to_input_positions(dropped_outputs, stream, sequence_length)
                         keep_pattern = vision_keep_pattern(
-                            alive_per_image, config.adsc_drop_ratio, inputs_embeds.device
+                            alive_per_image, config.adsc_drop_ratio, stream.hidden_states.device
                         )
                         stream = prune_vision_tokens(stream, keep_pattern)
                         alive_per_image = int(keep_pattern.sum())
                         has_vision_tokens = alive_per_image > 0
                         position_embeddings = language_model.rotary_emb(stream.hidden_states, stream.position_ids)
                 with record_function(PROFILER_RANGES["stage_mask"]):
-                    causal_mask = self.stage_causal_mask(stream, cache, layer_idx, attention_mask)
-            # position_ids are deliberately not passed: the RoPE above carries them, and flash-attention would read
-            # the gaps left by dropped tokens as boundaries of packed sequences.
-            hidden_states = decoder_layer(
-                stream.hidden_states,
-                attention_mask=causal_mask,
-                position_embeddings=position_embeddings,
-                cache=cache,
-                use_cache=use_cache,
-                **kwargs,
-            )
+                    causal_mask = self.stage_causal_mask(stream, cache, layer_idx)
+                key_index = stream.key_index(past_length)
+            if cache is not None and isinstance(cache.layers[layer_idx], AdscCacheLayer):
+                cache.layers[layer_idx].append_key_info(stream.key_mask, key_index)
+            with capture_attention_weights(decoder_layer, enabled=recorder is not None) as attention:
+                # position_ids are deliberately not passed: the RoPE above carries them, and flash-attention would
+                # read the gaps left by dropped tokens as boundaries of packed sequences.
+                hidden_states = decoder_layer(
+                    stream.hidden_states,
+                    attention_mask=causal_mask,
+                    position_embeddings=position_embeddings,
+                    cache=cache,
+                    use_cache=use_cache,
+                    **kwargs,
+                )
             stream = replace(stream, hidden_states=hidden_states)
+            if recorder is not None:
+                cached = cache.layers[layer_idx] if cache is not None else None
+                keys_seen = key_index if getattr(cached, "key_index", None) is None else cached.key_index
+                recorder.add_layer(stream, attention.weights, keys_seen)
 
         if dropped_outputs is not None:
             with record_function(PROFILER_RANGES["gather_outputs"]):
                 outputs = scatter_to_input_positions(dropped_outputs, stream, sequence_length)
                 hidden_states = outputs.view(batch_size, sequence_length + 1, -1)[:, :sequence_length]
-        return language_model.norm(hidden_states), cache
+        last_hidden_state = language_model.norm(hidden_states)
+        return last_hidden_state, cache, recorder.finish(last_hidden_state) if recorder is not None else {}
 
-    def stage_causal_mask(
-        self, stream: TokenStream, cache: Cache | None, layer_idx: int, attention_mask: torch.Tensor | None
-    ) -> torch.Tensor | None:
+    def cache_for_forward(self, cache: Cache | None, use_cache: bool) -> Cache | None:
+        """The cache this forward fills: a new `AdscCache`, the caller's, or an error that says why not.
+
+        An empty plain `DynamicCache` is adopted: its layers are replaced, in place, by `AdscCacheLayer`s, so the
+        caller's object keeps working across calls. One that already holds keys cached elsewhere is refused: which
+        tokens each stage kept, and which were padding, is unknown.
+        """
+        if cache is None:
+            return AdscCache(self.config.text_config) if use_cache else None
+        num_layers = self.config.text_config.num_hidden_layers
+        if len(cache.layers) == num_layers and all(isinstance(layer, AdscCacheLayer) for layer in cache.layers):
+            return cache
+        plain_layers = all(type(layer) is DynamicLayer for layer in cache.layers)
+        empty = all(layer.get_seq_length() == 0 for layer in cache.layers)
+        if isinstance(cache, DynamicCache) and not cache.is_compileable and plain_layers and empty:
+            cache.layers[:] = [AdscCacheLayer() for _ in range(num_layers)]
+            cache.layer_class_to_replicate = None
+            return cache
+        refuse_cache(cache)
+
+    def layer_outputs_recorder(
+        self, inputs_embeds: torch.Tensor, past_length: int, kwargs: dict
+    ) -> "LayerOutputs | None":
+        """A `LayerOutputs` when the call or the config asks for per-layer outputs (the call's flags win)."""
+        flags = {}
+        for name in ("output_hidden_states", "output_attentions"):
+            value = kwargs.pop(name, None)
+            if value is None:
+                value = getattr(self.config, name, False) or getattr(self.config.text_config, name, False)
+            flags[name] = value
+        if flags["output_hidden_states"] is False and not flags["output_attentions"]:
+            return None
+        return LayerOutputs(
+            inputs_embeds, past_length, flags["output_hidden_states"], bool(flags["output_attentions"])
+        )
+
+    def stage_causal_mask(self, stream: TokenStream, cache: Cache | None, layer_idx: int) -> torch.Tensor | None:
         """The causal mask for the layers from `layer_idx` to the next pruning layer, in the attention's format.
 
         Keys are this stage's cached tokens followed by the stream's tokens, so the 2D padding mask is the one stored
         for this stage at earlier forwards plus the stream's own. It is always passed explicitly: with gapped
         positions and no 2D mask, transformers would guess a packed (block-diagonal) mask.
         """
-        past_key_mask = self.past_key_mask(stream, cache, layer_idx, attention_mask)
-        key_mask = torch.cat([past_key_mask, stream.key_mask], dim=1)
-        if cache is not None:
-            key_masks = getattr(cache, CACHE_KEY_MASKS_ATTRIBUTE, None)
-            if key_masks is None:
-                key_masks = {}
-                setattr(cache, CACHE_KEY_MASKS_ATTRIBUTE, key_masks)
-            key_masks[layer_idx] = key_mask
+        past_key_mask = self.past_key_mask(stream, cache, layer_idx)
+        key_mask = torch.cat([past_key_mask.to(stream.key_mask.device), stream.key_mask], dim=1)
         return create_causal_mask(
             config=self.language_model.config,
             inputs_embeds=stream.hidden_states,
@@ -403,45 +619,50 @@ class AdscLlavaModel(LlavaModel):
         )
 
     @staticmethod
-    def past_key_mask(
-        stream: TokenStream, cache: Cache | None, layer_idx: int, attention_mask: torch.Tensor | None
-    ) -> torch.BoolTensor:
+    def past_key_mask(stream: TokenStream, cache: Cache | None, layer_idx: int) -> torch.BoolTensor:
         """`(batch, past)` padding mask of the keys this stage cached at earlier forwards."""
         batch_size = stream.key_mask.shape[0]
         past_length = cache.get_seq_length(layer_idx) if cache is not None else 0
-        stored = getattr(cache, CACHE_KEY_MASKS_ATTRIBUTE, {}).get(layer_idx) if cache is not None else None
+        stored = getattr(cache.layers[layer_idx], "key_mask", None) if cache is not None else None
         if stored is not None:
-            if stored.shape[0] != batch_size or stored.shape[1] < past_length:
+            if tuple(stored.shape) != (batch_size, past_length):
                 raise ValueError(
-                    f"The cache's layer {layer_idx} holds {past_length} tokens of batch size {batch_size}, but ADSC "
-                    f"stored a padding mask of shape {tuple(stored.shape)}: the cache was changed outside ADSC "
-                    "(batch selection or reordering other than beam search)."
+                    f"The cache's layer {layer_idx} holds {past_length} keys for a batch of {batch_size}, but its key "
+                    f"mask has shape {tuple(stored.shape)}: the cache's tensors were changed directly rather than "
+                    "through the Cache methods (reorder_cache, batch_select_indices, crop, ...)."
                 )
-            return stored[:, :past_length]  # a cropped cache (assisted decoding) keeps the first tokens
-        if past_length == 0:
-            return stream.key_mask.new_zeros(batch_size, 0)
-        if layer_idx == 0:  # a cache filled elsewhere: layer 0 holds the original positions
-            if attention_mask is None:
-                return stream.key_mask.new_ones(batch_size, past_length)
-            return attention_mask[:, :past_length].bool()
-        raise ValueError(
-            f"The cache holds {past_length} tokens at layer {layer_idx} but was not filled by ADSC-LLaVA, so the "
-            "tokens each stage kept are unknown. Start generation from an empty cache."
-        )
+            return stored
+        return stream.key_mask.new_zeros(batch_size, 0)  # `cache_for_forward` admits no keys cached elsewhere
 
 
-def check_cache_and_mask(cache: Cache | None, attention_mask: torch.Tensor | None) -> None:
-    """Refuse inputs the per-stage cache and masks cannot serve, with an error that says why."""
-    if cache is not None and (not isinstance(cache, DynamicCache) or cache.is_compileable):
-        raise ValueError(
-            f"ADSC-LLaVA needs a DynamicCache, got {type(cache).__name__}: static / compile caches give every "
-            "layer the same length, but after a pruning layer the layers cache fewer tokens."
-        )
+def check_attention_mask(attention_mask: torch.Tensor | None) -> None:
+    """Refuse an attention mask the per-stage masks cannot be built from, with an error that says why."""
     if attention_mask is not None and attention_mask.ndim != 2:
         raise ValueError(
             "ADSC-LLaVA builds one causal mask per pruning stage and needs the 2D padding mask "
             f"(batch, seq); got a {attention_mask.ndim}D attention_mask."
         )
+
+
+class capture_attention_weights:  # noqa: N801 (a context manager used like a function)
+    """While inside, `.weights` receives the attention weights `decoder_layer.self_attn` returns (eager only)."""
+
+    def __init__(self, decoder_layer: nn.Module, enabled: bool):
+        self.module = decoder_layer.self_attn if enabled else None
+        self.weights = None
+        self.handle = None
+
+    def __enter__(self) -> "capture_attention_weights":
+        if self.module is not None:
+            self.handle = self.module.register_forward_hook(self.keep)
+        return self
+
+    def keep(self, module, args, output) -> None:
+        self.weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+
+    def __exit__(self, *exc_info) -> None:
+        if self.handle is not None:
+            self.handle.remove()
 
 
 def check_text_model_supported(config: AdscLlavaConfig) -> None:
@@ -470,6 +691,7 @@ class AdscLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     """
 
     config_class = AdscLlavaConfig
+    _can_compile_fullgraph = False
 
     def __init__(self, config: AdscLlavaConfig):
         LlavaPreTrainedModel.__init__(self, config)
@@ -477,13 +699,24 @@ class AdscLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
 
-    def _reorder_cache(self, cache: Cache, beam_idx: torch.LongTensor) -> Cache:
-        """Beam search: reorder the cached keys and ADSC's per-stage key padding masks together."""
-        cache.reorder_cache(beam_idx)
-        key_masks = getattr(cache, CACHE_KEY_MASKS_ATTRIBUTE, {})
-        for layer_idx, key_mask in key_masks.items():
-            key_masks[layer_idx] = key_mask.index_select(0, beam_idx.to(key_mask.device))
-        return cache
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs):
+        """`generate()`'s cache: an `AdscCache` where transformers would create a `DynamicCache`."""
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get("cache")
+        if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
+            model_kwargs["cache"] = AdscCache(
+                self.config,
+                offloading=cache.offloading,
+                offload_only_non_sliding=getattr(cache, "only_non_sliding", False),
+            )
+
+    def init_continuous_batching(self, *args, **kwargs):
+        """Refused: continuous batching's paged cache gives every layer the same blocks per request."""
+        raise NotImplementedError(
+            "ADSC-LLaVA does not support continuous batching (generate_batch, cache_implementation='paged', "
+            "`transformers serve --continuous-batching`): its paged KV cache allocates the same blocks to every "
+            "layer, but after a pruning layer the layers cache fewer tokens. Use generate() with the default cache."
+        )
 
 
 # Remote-code classes do not get transformers' checkpoint conversion mapping, so stock llava-hf checkpoints (including
@@ -497,4 +730,11 @@ register_checkpoint_conversion_mapping(
 # weights (transformers' `custom_object_save`); the config's `auto_map` (`ADSC_AUTO_MAP`) names both Auto classes.
 AdscLlavaForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 
-__all__ = ["AdscLlavaForConditionalGeneration", "AdscLlavaModel", "uniform_keep_indices", "prune_vision_tokens"]
+__all__ = [
+    "AdscCache",
+    "AdscCacheLayer",
+    "AdscLlavaForConditionalGeneration",
+    "AdscLlavaModel",
+    "prune_vision_tokens",
+    "uniform_keep_indices",
+]

@@ -13,6 +13,9 @@ from setuptools.command.build_py import build_py
 
 # Top-level files that checkpoints carry (the modeling code, the model card template) and wheels copy in.
 SHIPPED_FILES = ("configuration_adsc_llava.py", "modeling_adsc_llava.py", "model_card.md")
+# What `transformers serve` needs (transformers' own `serving` extra, without its torch floor), for `adsc-llava serve`;
+# the tests query the server with the official `openai` client.
+SERVE_REQUIREMENTS = ["fastapi", "uvicorn", "pydantic>=2", "openai>=1.98.0"]
 # Subpackage -> its folder in the source tree.
 SUBPACKAGE_FOLDERS = {
     "adsc_llava.train": "train",
@@ -61,7 +64,8 @@ setup(
     ],
     extras_require={
         "plot": ["matplotlib"],
-        "test": ["pytest", "hypothesis", "ruff", "matplotlib"],
+        "serve": SERVE_REQUIREMENTS,
+        "test": ["pytest", "hypothesis", "ruff", "matplotlib", *SERVE_REQUIREMENTS],
         "flash": ["flash-attn"],
         "deepspeed": ["deepspeed"],
     },

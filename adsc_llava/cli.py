@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "bench": ("adsc_llava.benchmarks.speed", "measured prefill / decode speed and memory, stock vs ADSC, one run"),
     "train": ("adsc_llava.train.cli", "LoRA fine-tuning with the reverse budget curriculum"),
     "demo": ("adsc_llava.shapes_demo.run", "the paper's experiment in miniature, on CPU, nothing downloaded"),
+    "serve": ("adsc_llava.serve", "transformers' OpenAI-compatible server for an ADSC checkpoint"),
 }
 
 EXAMPLES = """examples:
@@ -23,6 +24,7 @@ EXAMPLES = """examples:
   adsc-llava bench --threads 1
   adsc-llava train --model llava-1.5-7b-adsc-192/ --data mix665k.json --budget 192 --output-dir out/
   adsc-llava demo --quick
+  adsc-llava serve llava-1.5-7b-adsc-192/ --port 8000
 
 `adsc-llava COMMAND --help` shows each command's options."""
 

@@ -70,3 +70,39 @@ def test_without_pruning_bf16_equals_stock_llava_on_gpu():
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, stock(**batch).logits, atol=0, rtol=0)
     assert torch.equal(model.generate(**batch, **GENERATE), stock.generate(**batch, **GENERATE))
+
+
+def test_device_map_split_between_gpu_and_cpu_equals_one_device():
+    """Layers 0-1 on cuda:0, layers 2-3, the norm and the lm_head on the CPU: every per-token tensor must follow."""
+    from accelerate import dispatch_model
+
+    model = tiny_adsc_model(**PRUNED, attn_implementation="sdpa")
+    batch = make_batch([1, 0, 2], padding_side="left")
+    with torch.no_grad():
+        expected_logits = model(**batch).logits
+    expected_tokens = model.generate(**batch, **GENERATE)
+    device_map = {
+        "model.vision_tower": 0,
+        "model.multi_modal_projector": 0,
+        "model.language_model.embed_tokens": 0,
+        "model.language_model.rotary_emb": 0,
+        "model.language_model.layers.0": 0,
+        "model.language_model.layers.1": 0,
+        "model.language_model.layers.2": "cpu",
+        "model.language_model.layers.3": "cpu",
+        "model.language_model.norm": "cpu",
+        "lm_head": "cpu",
+    }
+    split = dispatch_model(model, device_map=device_map)
+    on_first_device = {key: value.cuda() for key, value in batch.items()}
+    with torch.no_grad():
+        logits = split(**on_first_device).logits
+    torch.testing.assert_close(logits.cpu(), expected_logits, atol=1e-4, rtol=1e-4)
+    assert torch.equal(split.generate(**on_first_device, **GENERATE).cpu(), expected_tokens)
+
+
+def test_offloaded_cache_generation_equals_the_default_cache():
+    model = tiny_adsc_model(**PRUNED, attn_implementation="sdpa").cuda()
+    batch = on_gpu(make_batch([1, 0, 2], padding_side="left"), torch.float32)
+    offloaded = model.generate(**batch, **GENERATE, cache_implementation="offloaded")
+    assert torch.equal(offloaded, model.generate(**batch, **GENERATE))

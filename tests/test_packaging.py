@@ -2,6 +2,8 @@
 
 import ast
 import re
+import subprocess
+import sys
 from importlib.metadata import version
 from pathlib import Path
 
@@ -39,3 +41,23 @@ def test_readme_main_job_command_shares_the_set_up():
     ci_command = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
     set_up = ci_command.rsplit(" && ", 1)[0]
     assert f"```bash\n{set_up} && .venv/bin/adsc-llava demo\n```" in readme
+
+
+def test_remote_code_refuses_an_older_transformers_by_name():
+    """The shipped files check the version first: an old install gets the minimum named, not a stray ImportError."""
+    from adsc_llava.configuration_adsc_llava import MIN_TRANSFORMERS_VERSION
+
+    assert MIN_TRANSFORMERS_VERSION == setup_constant("MIN_TRANSFORMERS")
+    script = (
+        "import importlib.util, sys, transformers\n"
+        "transformers.__version__ = '5.20.1'\n"
+        f"spec = importlib.util.spec_from_file_location('config', {str(ROOT / 'configuration_adsc_llava.py')!r})\n"
+        "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+    )
+    completed = subprocess.run([sys.executable, "-I", "-c", script], capture_output=True, text=True, timeout=120)
+    assert completed.returncode != 0
+    assert "ImportError: ADSC-LLaVA's remote code needs transformers >= 5.24.0, but transformers 5.20.1" in (
+        completed.stderr
+    )
+    card = (ROOT / "model_card.md").read_text()
+    assert f"transformers >= {MIN_TRANSFORMERS_VERSION}" in card

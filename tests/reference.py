@@ -1,0 +1,79 @@
+"""An independent, naive ADSC forward for the tests: full-length sequences, dropped tokens masked as keys."""
+
+import math
+
+import torch
+
+from conftest import IMAGE_TOKEN_ID, TOKENS_PER_IMAGE
+
+
+def reference_alive_masks(input_ids: torch.Tensor, pruning_layers: list[int], drop_ratio: float, num_layers: int):
+    """`alive[l]`: `(batch, seq)` tokens that layer `l` sees, built one image at a time in plain Python."""
+    alive = torch.ones(num_layers, *input_ids.shape, dtype=torch.bool)
+    for row in range(input_ids.shape[0]):
+        image_positions = (input_ids[row] == IMAGE_TOKEN_ID).nonzero().flatten().tolist()
+        for start in range(0, len(image_positions), TOKENS_PER_IMAGE):
+            survivors = image_positions[start : start + TOKENS_PER_IMAGE]
+            for layer in range(num_layers):
+                if layer in pruning_layers:
+                    n = len(survivors)
+                    k = math.floor((1 - drop_ratio) * n)
+                    survivors = [survivors[(2 * i + 1) * n // (2 * k)] for i in range(k)]
+                dropped = set(image_positions[start : start + TOKENS_PER_IMAGE]) - set(survivors)
+                alive[layer, row, sorted(dropped)] = False
+    return alive
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
+def reference_forward(model, batch, alive: torch.Tensor) -> dict:
+    """Full-length forward with manual attention; tokens dropped at a layer are masked out as keys from there on.
+
+    Returns the normed output, every layer's output `(batch, seq, hidden)` (dropped tokens computed on, as if kept,
+    but never attended to) and every layer's attention weights `(batch, heads, seq, seq)`.
+    """
+    llava = model.model
+    text = llava.language_model
+    config = model.config.text_config
+    input_ids, padding = batch["input_ids"], batch["attention_mask"].bool()
+    embeds = text.embed_tokens(input_ids)
+    features = torch.cat(list(llava.get_image_features(batch["pixel_values"]).pooler_output))
+    embeds = embeds.masked_scatter((input_ids == IMAGE_TOKEN_ID)[..., None], features)
+    batch_size, seq_len, _ = embeds.shape
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = config.hidden_size // heads
+    positions = torch.arange(seq_len)
+    inv_freq = 1.0 / (config.rope_parameters["rope_theta"] ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    angles = positions[:, None].float() * inv_freq[None]
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
+
+    hidden = embeds
+    layer_outputs, layer_weights = [], []
+    for layer_idx, layer in enumerate(text.layers):
+        attn = layer.self_attn
+        x = layer.input_layernorm(hidden)
+        q = attn.q_proj(x).view(batch_size, seq_len, heads, head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(batch_size, seq_len, kv_heads, head_dim).transpose(1, 2)
+        v = attn.v_proj(x).view(batch_size, seq_len, kv_heads, head_dim).transpose(1, 2)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        k = k.repeat_interleave(heads // kv_heads, dim=1)
+        v = v.repeat_interleave(heads // kv_heads, dim=1)
+        allowed = causal[None] & (alive[layer_idx] & padding)[:, None, :]
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(head_dim)
+        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+        weights = torch.nan_to_num(scores.softmax(-1))  # fully masked rows (padding queries) give zeros
+        out = (weights @ v).transpose(1, 2).reshape(batch_size, seq_len, -1)
+        hidden = hidden + attn.o_proj(out)
+        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        layer_outputs.append(hidden)
+        layer_weights.append(weights)
+    return {"normed": text.norm(hidden), "layer_outputs": layer_outputs, "attentions": layer_weights}
+
+
+def reference_text_hidden_states(model, batch, alive: torch.Tensor) -> torch.Tensor:
+    """The normed output of `reference_forward`."""
+    return reference_forward(model, batch, alive)["normed"]

@@ -32,6 +32,8 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.masking_utils import create_causal_mask
 from transformers.models.llava.modeling_llava import LlavaModelOutputWithPast, LlavaPreTrainedModel
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_adsc_llava import AdscLlavaConfig, num_kept_tokens, validate_schedule
@@ -346,6 +348,10 @@ class LayerOutputs:
         """Scatter stage-local weights to `(batch, heads, seq, past + seq)`; filler rows and keys go to a trash row."""
         batch_size, num_heads, _, _ = weights.shape
         total_keys = self.past_length + self.sequence_length
+        if weights.shape[-2:] == (self.sequence_length, total_keys) and bool(
+            (key_index == torch.arange(total_keys, device=key_index.device)).all()
+        ):
+            return weights  # nothing dropped yet: the layer's own tensor, so gradients reach it as in stock models
         full = weights.new_zeros(batch_size, num_heads, self.sequence_length + 1, total_keys + 1)
         key_index = key_index.to(weights.device)
         rows = torch.where(stream.token_valid, stream.source_index, self.sequence_length).to(weights.device)
@@ -377,6 +383,16 @@ class AdscLlavaModel(LlavaModel):
     # The number of tokens each stage keeps is data-dependent (text-only rows keep all), so no single graph.
     _can_compile_fullgraph = False
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """False: weights are initialised by LLaVA's own `_init_weights`, exactly as for stock LLaVA.
+
+        transformers guards custom code by skipping, when it initialises missing weights, every module without direct
+        parameters; CLIP's attention and MLP blocks are such modules and set their child linears' scale, which would
+        then keep the generic scale.
+        """
+        return False
+
     def __init__(self, config: AdscLlavaConfig):
         check_text_model_supported(config)
         super().__init__(config)
@@ -395,7 +411,7 @@ class AdscLlavaModel(LlavaModel):
         image_sizes: torch.Tensor | None = None,
         mm_encoder_outputs: dict | None = None,
         use_cache: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> LlavaModelOutputWithPast:
         """Same inputs and outputs as `LlavaModel.forward`; `last_hidden_state` is `(batch, seq, hidden)`."""
         legacy_cache = kwargs.pop("past_key_values", None)  # the pre-5.24 name, still accepted by stock models
@@ -692,6 +708,7 @@ class AdscLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
     config_class = AdscLlavaConfig
     _can_compile_fullgraph = False
+    is_custom_code = AdscLlavaModel.is_custom_code
 
     def __init__(self, config: AdscLlavaConfig):
         LlavaPreTrainedModel.__init__(self, config)

@@ -65,7 +65,7 @@ setup(
     extras_require={
         "plot": ["matplotlib"],
         "serve": SERVE_REQUIREMENTS,
-        "test": ["pytest", "hypothesis", "ruff", "matplotlib", "parameterized", *SERVE_REQUIREMENTS],
+        "test": ["pytest", "hypothesis", "ruff", "matplotlib", "parameterized", "deepspeed", *SERVE_REQUIREMENTS],
         "flash": ["flash-attn"],
         "deepspeed": ["deepspeed"],
     },

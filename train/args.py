@@ -3,6 +3,7 @@
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
 from transformers import TrainingArguments
 
 from adsc_llava.train.curriculum import CURRICULUM_FACTORS
@@ -121,6 +122,7 @@ class AdscTrainConfig:
             lr_scheduler_type=self.lr_scheduler_type,
             weight_decay=self.weight_decay,
             bf16=use_bf16,
+            use_cpu=not torch.accelerator.is_available(),  # transformers refuses bf16 on a CPU unless told
             activation_checkpointing=self.gradient_checkpointing,
             activation_checkpointing_kwargs={"use_reentrant": False},
             dataloader_num_workers=self.dataloader_num_workers,
@@ -134,4 +136,7 @@ class AdscTrainConfig:
             report_to=self.report_to,
             disable_tqdm=self.disable_tqdm,
             remove_unused_columns=False,  # the collator needs `pixel_values` and the record ids
+            # Every rank runs every trainable module at every step (see `AdscTrainer.compute_loss`): no search for
+            # unused parameters, and an error rather than a silent skip if that ever stops being true.
+            ddp_find_unused_parameters=False,
         )

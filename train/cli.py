@@ -1,5 +1,6 @@
 """`adsc-llava train`: LoRA fine-tuning of an ADSC-LLaVA checkpoint with a budget curriculum."""
 
+import torch
 from transformers import HfArgumentParser
 
 from adsc_llava.cli import prog
@@ -19,4 +20,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     (config,) = parser.parse_args_into_dataclasses(args=argv)
     run_training(config)
+    if torch.distributed.is_initialized():  # a launched rank: leave the process group before the process ends
+        torch.distributed.destroy_process_group()
     return 0

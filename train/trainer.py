@@ -6,6 +6,7 @@ budget, then merge and save a remote-code checkpoint (weights, config with `auto
 model card). Distributed training (accelerate, DeepSpeed, FSDP) is the Trainer's own.
 """
 
+import copy
 import logging
 import math
 import os
@@ -14,8 +15,9 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoConfig, AutoProcessor, Trainer, TrainerCallback
+from transformers import AutoConfig, AutoProcessor, Trainer, TrainerCallback, set_seed
 from transformers.dynamic_module_utils import custom_object_save
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 from adsc_llava import AdscLlavaConfig, AdscLlavaForConditionalGeneration
@@ -24,7 +26,7 @@ from adsc_llava.cost import adsc_config, format_schedule
 from adsc_llava.model_card import write_model_card
 from adsc_llava.train.args import AdscTrainConfig
 from adsc_llava.train.curriculum import CurriculumCallback, build_curriculum, describe_curriculum
-from adsc_llava.train.data import LlavaDataCollator, LlavaInstructDataset, ModalityLengthGroupedSampler
+from adsc_llava.train.data import IGNORE_INDEX, LlavaDataCollator, LlavaInstructDataset, ModalityLengthGroupedSampler
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +69,18 @@ def add_lora(model: AdscLlavaForConditionalGeneration, config: AdscTrainConfig) 
     return get_peft_model(model, lora_config)
 
 
+def upcast_trainable_parameters(model: torch.nn.Module) -> None:
+    """Give every trainable parameter (LoRA, the projector's trainable copy) fp32 weights; frozen ones keep theirs.
+
+    With bf16 weights an AdamW update of about `lr` times a weight is below bf16's resolution for most weights, so
+    they would never change. peft upcasts its LoRA weights but not the `modules_to_save` copy of the projector.
+    Under bf16 mixed precision the Trainer's autocast runs the matmuls in bf16 either way.
+    """
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()
+
+
 class AdscTrainer(Trainer):
     """`Trainer` with a separate projector learning rate, LLaVA's modality sampler, and atomic checkpoints."""
 
@@ -96,6 +110,44 @@ class AdscTrainer(Trainer):
         optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, opt_model)
         self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
         return self.optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The model's loss; a batch without images first gets a row that is only a blank image (`blank_image_row`).
+
+        The vision tower and projector then run inside the model's forward at every step on every rank, in the same
+        order as for a batch with images: under DDP every trainable parameter gets a gradient on every rank, and under
+        ZeRO-3 every rank gathers the same parameters in the same order (a rank that skipped them would hang the
+        others). The row is masked out and has no labels, so the loss is that of the real rows.
+        """
+        if "pixel_values" not in inputs:
+            inputs = self.blank_image_row(model, inputs)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def blank_image_row(self, model, inputs: dict) -> dict:
+        """`inputs` with one more row: image placeholders for one blank image, attention mask 0, labels ignored.
+
+        Rows are padded on the right to the new length (the collator pads on the right too).
+        """
+        config = self.accelerator.unwrap_model(model).config
+        vision = config.vision_config
+        input_ids, attention_mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
+        length = max(input_ids.shape[1], config.image_seq_length)
+        pad_token_id = self.processing_class.tokenizer.pad_token_id
+
+        def add_row(batch: torch.Tensor, row_value: int, padding: int) -> torch.Tensor:
+            padded = torch.nn.functional.pad(batch, (0, length - batch.shape[1]), value=padding)
+            row = torch.full((1, length), padding, dtype=batch.dtype, device=batch.device)
+            row[0, : config.image_seq_length] = row_value
+            return torch.cat([padded, row])
+
+        blank = torch.zeros(1, vision.num_channels, vision.image_size, vision.image_size, device=input_ids.device)
+        return {
+            **inputs,
+            "input_ids": add_row(input_ids, config.image_token_id, pad_token_id),
+            "attention_mask": add_row(attention_mask, 0, 0),
+            "labels": add_row(labels, IGNORE_INDEX, IGNORE_INDEX),
+            "pixel_values": blank,
+        }
 
     def _get_train_sampler(self, train_dataset=None):
         if not self.group_by_modality_length:
@@ -145,7 +197,19 @@ def build_trainer(
     config: AdscTrainConfig, callbacks: list[TrainerCallback] | None = None
 ) -> tuple[AdscTrainer, AdscLlavaForConditionalGeneration, list]:
     """Model, data, curriculum and `AdscTrainer` for `config` (plus extra `callbacks`); nothing is trained yet."""
+    # The LoRA weights are drawn when the adapter is added, before the Trainer would seed: seed here, or two runs (and
+    # a run and its resumed twin) start from different adapters.
+    set_seed(config.seed)
     bf16 = use_bf16(config.bf16)
+    # Before the model exists: with a ZeRO-3 DeepSpeed config, TrainingArguments sets up the partitioning that
+    # `from_pretrained` then loads the weights into.
+    training_args = config.training_arguments(bf16)
+    if training_args.deepspeed:
+        import deepspeed
+
+        # ZeRO-3 partitions the weights as they load, over DeepSpeed's process group. accelerate creates it on GPUs;
+        # on CPUs it creates torch's (gloo) only, which this wraps (a no-op where the group exists already).
+        deepspeed.init_distributed(auto_mpi_discovery=False)
     processor = AutoProcessor.from_pretrained(config.model, trust_remote_code=True)
     model = load_adsc_model(
         config.model,
@@ -166,10 +230,11 @@ def build_trainer(
         stats = dataset.scan(show_progress=not config.disable_tqdm)
         logger.info("Data: %s", stats.summary())
 
-    training_args = config.training_arguments(bf16)
     adsc_model = model
     if config.tune == "lora":
         model = add_lora(model, config)
+    if not training_args.deepspeed:  # DeepSpeed keeps fp32 master weights of its own
+        upcast_trainable_parameters(model)
     if config.gradient_checkpointing and config.tune == "lora":
         model.enable_input_require_grads()
 
@@ -231,23 +296,32 @@ def run_training(config: AdscTrainConfig, callbacks: list[TrainerCallback] | Non
     trainer.train(resume_from_checkpoint=resume_from)
 
     final_dir = Path(config.output_dir) / "final"
+    save_final_model(config, trainer, adsc_model, phases, final_dir)
     if trainer.is_world_process_zero():
-        save_final_model(config, trainer, adsc_model, phases, final_dir)
         print(summarize_end(final_dir, adsc_model, trainer), flush=True)
     trainer.accelerator.wait_for_everyone()
     return final_dir
 
 
 def save_final_model(config: AdscTrainConfig, trainer: AdscTrainer, adsc_model, phases, final_dir: Path) -> None:
-    """Set the final schedule, merge LoRA (or keep the adapter), and write a remote-code checkpoint + model card."""
+    """Write the final remote-code checkpoint (merged, or the adapter with `--save-adapter`) and its model card.
+
+    Called on every process: the weights are written through the Trainer's own `save_model`, which gathers them from
+    every rank under ZeRO-3 and writes on the main process. A LoRA run is merged on the main process, into a fresh
+    full copy of the starting checkpoint loaded outside any partitioning.
+    """
     if phases:
         adsc_model.config.adsc_drop_ratio = phases[-1].drop_ratio
-    model = trainer.model
-    if isinstance(model, PeftModel) and not config.save_adapter:
-        model = model.merge_and_unload()
-    final_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(final_dir)
-    if isinstance(model, PeftModel):  # the adapter needs the ADSC config and code next to it
+    merge = isinstance(trainer.model, PeftModel) and not config.save_adapter
+    weights_dir = Path(config.output_dir) / "final-adapter" if merge else final_dir
+    trainer.save_model(str(weights_dir))
+    if not trainer.is_world_process_zero():
+        return
+    if merge:
+        merged = merge_adapter(config, adsc_model.config, weights_dir)
+        merged.save_pretrained(final_dir)
+        shutil.rmtree(weights_dir)
+    elif isinstance(trainer.model, PeftModel):  # the adapter needs the ADSC config and code next to it
         adsc_model.config.save_pretrained(final_dir)
         custom_object_save(adsc_model, final_dir)  # both .py files: config.json's auto_map names the modeling one
     trainer.processing_class.save_pretrained(final_dir)
@@ -266,6 +340,14 @@ def save_final_model(config: AdscTrainConfig, trainer: AdscTrainer, adsc_model, 
         api = HfApi()
         api.create_repo(config.hub_model_id, exist_ok=True)
         api.upload_folder(folder_path=str(final_dir), repo_id=config.hub_model_id, commit_message="ADSC-LLaVA")
+
+
+def merge_adapter(config: AdscTrainConfig, final_config: AdscLlavaConfig, adapter_dir: Path):
+    """The starting checkpoint with the trained LoRA merged in and the trained projector, in the checkpoint's dtype."""
+    unset_hf_deepspeed_config()  # a fresh, whole copy: not partitioned by a ZeRO-3 run's config
+    base = load_source_weights(config.model, copy.deepcopy(final_config))
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    return merged.to(base.dtype)
 
 
 def summarize_end(final_dir: Path, adsc_model, trainer: AdscTrainer) -> str:

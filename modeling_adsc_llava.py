@@ -36,7 +36,7 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple
 
-from .configuration_adsc_llava import AdscLlavaConfig, num_kept_tokens, validate_schedule
+from .configuration_adsc_llava import AdscLlavaConfig, validate_schedule
 
 # Text models whose decoder layers take `(hidden_states, attention_mask, position_embeddings, cache)` and whose model
 # forward does nothing else than embed -> layers -> norm: the layer loop below is exactly their forward.
@@ -69,31 +69,73 @@ def uniform_keep_indices(num_tokens: int, num_keep: int) -> torch.LongTensor:
     return torch.div((2 * bins + 1) * num_tokens, 2 * num_keep, rounding_mode="floor")
 
 
-def image_token_offsets(image_token_mask: torch.BoolTensor, tokens_per_image: int) -> torch.LongTensor:
-    """Index of every image token within its image, `-1` for text.
+def visual_unit_offsets(
+    unit_token_mask: torch.BoolTensor, unit_lengths: list[int] | torch.LongTensor
+) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """Each placeholder token's index within its visual unit and that unit's length; `-1` and `0` for other tokens.
 
-    Images are consecutive runs of `tokens_per_image` image tokens (two images may touch). A row whose image tokens
-    do not split into whole, contiguous images (e.g. a prompt truncated through an image) is an error.
+    A visual unit is one image's (or one video's) span of placeholder tokens: `unit_lengths[u]` tokens, the units in
+    batch-row-major order, each a contiguous run within one row (two units may touch). Anything else (a prompt cut
+    through an image, a count that does not add up) is an error.
 
     Args:
-        image_token_mask: `(batch, seq)`, True at image-token positions.
-        tokens_per_image: image tokens per image (the image features' length).
+        unit_token_mask: `(batch, seq)`, True at the placeholder tokens of these units.
+        unit_lengths: the tokens of each unit, in order (e.g. the lengths of the image features).
 
     Returns:
-        `(batch, seq)` long tensor.
+        `(batch, seq)` offsets and `(batch, seq)` unit lengths.
     """
-    rank_in_row = image_token_mask.long().cumsum(dim=1) - 1
-    offsets = torch.where(image_token_mask, rank_in_row % tokens_per_image, -1)
-    tokens_in_row = image_token_mask.sum(dim=1)
-    previous_offsets = nn.functional.pad(offsets[:, :-1], (1, 0), value=-1)
-    broken_span = image_token_mask & (offsets > 0) & (previous_offsets != offsets - 1)
-    if bool((tokens_in_row % tokens_per_image).any()) or bool(broken_span.any()):
+    lengths = torch.as_tensor(unit_lengths, dtype=torch.long, device=unit_token_mask.device)
+    flat_mask = unit_token_mask.flatten()
+    if int(flat_mask.sum()) != int(lengths.sum()):
         raise ValueError(
-            f"Truncated image span: every image needs {tokens_per_image} consecutive image tokens, but the rows hold "
-            f"{tokens_in_row.tolist()} image tokens (or a run is interrupted by text). Was the prompt truncated "
-            "through an image?"
+            f"Image features and image tokens do not match: the prompt holds {int(flat_mask.sum())} image tokens "
+            f"but the images give {int(lengths.sum())} features ({len(lengths)} images or videos of "
+            f"{lengths.tolist()[:8]}{' ...' if len(lengths) > 8 else ''} tokens)."
         )
-    return offsets
+    rank = flat_mask.long().cumsum(0) - 1  # index of each placeholder among all of the batch's
+    ends = lengths.cumsum(0)
+    unit = torch.searchsorted(ends, rank.clamp(min=0), right=True).clamp(max=max(len(lengths) - 1, 0))
+    offsets = torch.where(flat_mask, rank - (ends - lengths)[unit], -1).view_as(unit_token_mask)
+    unit_length = torch.where(flat_mask, lengths[unit], 0).view_as(unit_token_mask)
+    previous = nn.functional.pad(offsets[:, :-1], (1, 0), value=-1)
+    broken = unit_token_mask & (offsets > 0) & (previous != offsets - 1)  # a unit cut by text or by a row's end
+    last = unit_token_mask & (offsets == unit_length - 1)
+    following = nn.functional.pad(offsets[:, 1:], (0, 1), value=-1)
+    unfinished = unit_token_mask & ~last & (following != offsets + 1)
+    if bool(broken.any()) or bool(unfinished.any()):
+        raise ValueError(
+            "Truncated image span: every image (or video) needs its placeholder tokens in one consecutive run of "
+            f"{lengths.tolist()[:8]} tokens, but a run is cut by text or by the end of a row. Was the prompt "
+            "truncated through an image?"
+        )
+    return offsets, unit_length
+
+
+def kept_in_unit(
+    offsets: torch.LongTensor, unit_lengths: torch.LongTensor, drop_ratio: float
+) -> tuple[torch.BoolTensor, torch.LongTensor, torch.LongTensor]:
+    """Which vision tokens survive one pruning layer, and their new offsets and unit lengths (every unit at once).
+
+    A unit of `n` alive tokens keeps `k = floor((1 - r) * n)` of them, those `uniform_keep_indices(n, k)` names:
+    `p_i = floor((2i + 1) n / 2k)`. As `p_i` rises by `n / k >= 1`, offset `o` can only be `p_i` for
+    `i = ceil((2ok - n) / 2n)`, so membership is one integer test per token, with no loop over units.
+
+    Args:
+        offsets: `(batch, len)` index of each token in its unit's alive tokens, -1 for text.
+        unit_lengths: `(batch, len)` alive tokens of each token's unit (0 for text).
+        drop_ratio: `r`.
+
+    Returns:
+        `keep` (True for kept vision tokens, False for dropped ones and for text), the kept tokens' offsets among the
+        survivors (`i`) and their unit's new length (`k`).
+    """
+    n = unit_lengths
+    k = torch.floor((1.0 - drop_ratio) * n.double()).long()
+    index = -torch.div(n - 2 * offsets * k, 2 * n.clamp(min=1), rounding_mode="floor")  # ceil((2ok - n) / 2n)
+    position = torch.div((2 * index + 1) * n, 2 * k.clamp(min=1), rounding_mode="floor")
+    keep = (offsets >= 0) & (index >= 0) & (index < k) & (position == offsets)
+    return keep, index, k
 
 
 @dataclass
@@ -109,7 +151,8 @@ class TokenStream:
     source_index: torch.LongTensor  # position in this forward's input sequence
     token_valid: torch.BoolTensor  # False for filler slots
     key_mask: torch.BoolTensor  # may be attended to: not padding and not filler
-    image_offsets: torch.LongTensor  # index within its image's alive tokens, -1 for text
+    image_offsets: torch.LongTensor  # index within its visual unit's alive tokens, -1 for text
+    unit_lengths: torch.LongTensor  # alive tokens of the token's visual unit (image or video), 0 for text
 
     @classmethod
     def from_inputs(
@@ -118,6 +161,7 @@ class TokenStream:
         position_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None,
         image_offsets: torch.LongTensor,
+        unit_lengths: torch.LongTensor,
     ) -> "TokenStream":
         """Every input token, as layer 0 sees it; `attention_mask` `(batch, past + seq)` may be None (no padding)."""
         batch_size, sequence_length, _ = inputs_embeds.shape
@@ -130,6 +174,7 @@ class TokenStream:
             token_valid=all_tokens,
             key_mask=attention_mask[:, -sequence_length:].bool() if attention_mask is not None else all_tokens,
             image_offsets=image_offsets,
+            unit_lengths=unit_lengths,
         )
 
     def to(self, device: torch.device) -> "TokenStream":
@@ -143,34 +188,26 @@ class TokenStream:
         return torch.where(self.token_valid, self.source_index + past_length, -1)
 
 
-def vision_keep_pattern(num_alive: int, drop_ratio: float, device: torch.device) -> torch.BoolTensor:
-    """`(num_alive,)` mask of an image's alive vision tokens that survive one pruning layer."""
-    keep_pattern = torch.zeros(num_alive, dtype=torch.bool, device=device)
-    keep_pattern[uniform_keep_indices(num_alive, num_kept_tokens(num_alive, drop_ratio)).to(device)] = True
-    return keep_pattern
-
-
-def prune_vision_tokens(stream: TokenStream, keep_pattern: torch.BoolTensor) -> TokenStream:
-    """Keep text tokens and the vision tokens that `keep_pattern` selects in every image, compacting each row.
+def prune_vision_tokens(stream: TokenStream, drop_ratio: float) -> TokenStream:
+    """Keep text tokens and, in every visual unit, the vision tokens `kept_in_unit` selects, compacting each row.
 
     Args:
         stream: the tokens of the stage that ends here.
-        keep_pattern: `(num_alive,)` bool, which of an image's alive vision tokens survive.
+        drop_ratio: `r`: a unit of `n` alive tokens keeps `floor((1 - r) * n)`.
 
     Returns:
         The next stage's stream: kept tokens first in their original order, then filler slots.
     """
     is_vision = stream.image_offsets >= 0
-    keeps_vision = keep_pattern[stream.image_offsets.clamp(min=0)]
+    keeps_vision, new_offsets, new_lengths = kept_in_unit(stream.image_offsets, stream.unit_lengths, drop_ratio)
     keep = stream.token_valid & (~is_vision | keeps_vision)
     num_kept = keep.sum(dim=1)
     # A stable sort puts each row's kept slots first, in order; one gather moves every per-token tensor.
     order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, : int(num_kept.max())]
     token_valid = torch.arange(order.shape[1], device=order.device) < num_kept[:, None]
-    new_offset_of = keep_pattern.long().cumsum(0) - 1  # rank of each surviving token among the survivors
-    image_offsets = torch.where(is_vision, new_offset_of[stream.image_offsets.clamp(min=0)], -1)
     batch_size, stage_length, hidden_size = stream.hidden_states.shape
     flat_order = (order + torch.arange(batch_size, device=order.device)[:, None] * stage_length).flatten()
+    kept_vision = token_valid & is_vision.gather(1, order)
     return TokenStream(
         hidden_states=stream.hidden_states.reshape(-1, hidden_size)
         .index_select(0, flat_order)
@@ -179,7 +216,8 @@ def prune_vision_tokens(stream: TokenStream, keep_pattern: torch.BoolTensor) -> 
         source_index=stream.source_index.gather(1, order),
         token_valid=token_valid,
         key_mask=stream.key_mask.gather(1, order) & token_valid,
-        image_offsets=torch.where(token_valid, image_offsets.gather(1, order), -1),
+        image_offsets=torch.where(kept_vision, new_offsets.gather(1, order), -1),
+        unit_lengths=torch.where(kept_vision, new_lengths.gather(1, order), 0),
     )
 
 
@@ -433,7 +471,7 @@ class AdscLlavaModel(LlavaModel):
                 return_dict=True,
                 **kwargs,
             )
-        inputs_embeds, image_offsets, tokens_per_image = self.merge_image_features(
+        inputs_embeds, image_offsets, unit_lengths = self.merge_image_features(
             input_ids, inputs_embeds, mm_encoder_outputs.get("image")
         )
         last_hidden_state, cache, layer_outputs = self.run_decoder(
@@ -443,7 +481,7 @@ class AdscLlavaModel(LlavaModel):
             cache=cache,
             use_cache=self.config.text_config.use_cache if use_cache is None else use_cache,
             image_offsets=image_offsets,
-            tokens_per_image=tokens_per_image,
+            unit_lengths=unit_lengths,
             **kwargs,
         )
         return LlavaModelOutputWithPast(
@@ -455,32 +493,24 @@ class AdscLlavaModel(LlavaModel):
 
     def merge_image_features(
         self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, image_outputs
-    ) -> tuple[torch.Tensor, torch.LongTensor, int]:
+    ) -> tuple[torch.Tensor, torch.LongTensor, torch.LongTensor]:
         """Put the image features at the image tokens, as stock LLaVA does, and find each image's tokens.
 
         Returns:
             The `(batch, seq, hidden)` embeddings, each token's `(batch, seq)` index within its image (-1 for text),
-            and the tokens per image. Without images in this forward (decode steps, text-only prompts) nothing is
-            pruned: an image token id is then an ordinary token, as in stock LLaVA.
+            and `(batch, seq)` its image's length (0 for text). Without images in this forward (decode steps,
+            text-only prompts) nothing is pruned: an image token id is then an ordinary token, as in stock LLaVA.
         """
         no_images = torch.full(inputs_embeds.shape[:2], -1, dtype=torch.long, device=inputs_embeds.device)
         if image_outputs is None:
-            return inputs_embeds, no_images, self.config.image_seq_length
+            return inputs_embeds, no_images, torch.zeros_like(no_images)
         image_token_mask = self.image_token_mask(input_ids, inputs_embeds)
-        tokens_per_image = image_outputs.pooler_output[0].shape[0]
-        image_features = torch.cat(list(image_outputs.pooler_output), dim=0).to(
-            inputs_embeds.device, inputs_embeds.dtype
-        )
-        if int(image_token_mask.sum()) != image_features.shape[0]:
-            raise ValueError(
-                f"Image features and image tokens do not match: the prompt holds {int(image_token_mask.sum())} image "
-                f"tokens but the images give {image_features.shape[0]} features "
-                f"({len(image_outputs.pooler_output)} images x {tokens_per_image})."
-            )
-        inputs_embeds = inputs_embeds.masked_scatter(image_token_mask[..., None], image_features)
+        features = list(image_outputs.pooler_output)
         with record_function(PROFILER_RANGES["image_offsets"]):
-            image_offsets = image_token_offsets(image_token_mask, tokens_per_image)
-        return inputs_embeds, image_offsets, tokens_per_image
+            image_offsets, unit_lengths = visual_unit_offsets(image_token_mask, [len(feature) for feature in features])
+        image_features = torch.cat(features, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
+        inputs_embeds = inputs_embeds.masked_scatter(image_token_mask[..., None], image_features)
+        return inputs_embeds, image_offsets, unit_lengths
 
     def image_token_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor) -> torch.BoolTensor:
         """`(batch, seq)` mask of the image placeholder tokens (from ids, or from embeddings as stock LLaVA does)."""
@@ -500,7 +530,7 @@ class AdscLlavaModel(LlavaModel):
         cache: Cache | None,
         use_cache: bool,
         image_offsets: torch.LongTensor,
-        tokens_per_image: int,
+        unit_lengths: torch.LongTensor,
         **kwargs,
     ) -> tuple[torch.Tensor, Cache | None, dict]:
         """The language model's forward with vision tokens dropped at the pruning layers.
@@ -510,8 +540,8 @@ class AdscLlavaModel(LlavaModel):
             attention_mask: `(batch, past + seq)` padding mask over the original positions, or None.
             position_ids: `(batch, seq)` RoPE positions; default `past + arange(seq)` (past = layer 0's cache).
             cache: an `AdscCache`, an empty `DynamicCache` (adopted) or None; each layer caches only the tokens it saw.
-            image_offsets: `(batch, seq)` index of each image token within its image, -1 for text.
-            tokens_per_image: vision tokens per image at the input.
+            image_offsets: `(batch, seq)` index of each vision token within its visual unit, -1 for text.
+            unit_lengths: `(batch, seq)` tokens of each vision token's unit (an image, or a video), 0 for text.
             kwargs: passed to the decoder layers; `output_hidden_states` / `output_attentions` (or the same flags on
                 the config) ask for per-layer outputs (`LayerOutputs`).
 
@@ -529,11 +559,10 @@ class AdscLlavaModel(LlavaModel):
         past_length = cache.get_seq_length(0) if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past_length, past_length + sequence_length, device=inputs_embeds.device)
-        stream = TokenStream.from_inputs(inputs_embeds, position_ids, attention_mask, image_offsets)
+        stream = TokenStream.from_inputs(inputs_embeds, position_ids, attention_mask, image_offsets, unit_lengths)
         recorder = self.layer_outputs_recorder(inputs_embeds, past_length, kwargs)
         has_vision_tokens = bool((image_offsets >= 0).any())
         pruning_layers = set(config.adsc_pruning_layers)
-        alive_per_image = tokens_per_image
         dropped_outputs = None  # hidden states of dropped tokens, at their input positions
 
         # Recomputed only for a pruned stream: stages that drop nothing (e.g. at decode steps) share these.
@@ -544,12 +573,8 @@ class AdscLlavaModel(LlavaModel):
                 if layer_idx > 0 and has_vision_tokens:
                     with record_function(PROFILER_RANGES["prune"]):
                         dropped_outputs = scatter_to_input_positions(dropped_outputs, stream, sequence_length)
-                        keep_pattern = vision_keep_pattern(
-                            alive_per_image, config.adsc_drop_ratio, stream.hidden_states.device
-                        )
-                        stream = prune_vision_tokens(stream, keep_pattern)
-                        alive_per_image = int(keep_pattern.sum())
-                        has_vision_tokens = alive_per_image > 0
+                        stream = prune_vision_tokens(stream, config.adsc_drop_ratio)
+                        has_vision_tokens = bool((stream.image_offsets >= 0).any())
                         position_embeddings = language_model.rotary_emb(stream.hidden_states, stream.position_ids)
                 with record_function(PROFILER_RANGES["stage_mask"]):
                     causal_mask = self.stage_causal_mask(stream, cache, layer_idx)

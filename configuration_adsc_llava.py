@@ -157,8 +157,131 @@ def validate_schedule(num_layers: int, pruning_layers: list[int], drop_ratio: fl
             raise ValueError(f"adsc_pruning_layers must be strictly increasing, got {pruning_layers}.")
 
 
+class AdscScheduleMixin:
+    """The ADSC schedule on a stock LLaVA-family config: validation, tokens per layer, budgets, the stock config back.
+
+    A config class mixes it in before its stock class and declares the two schedule fields (`@strict` dataclasses
+    take fields from the class itself); `STOCK_CONFIG_CLASS` names the stock class and `ADSC_AUTO_MAP` the remote-code
+    classes written into `config.json`.
+    """
+
+    STOCK_CONFIG_CLASS: type = LlavaConfig
+    AUTO_MAP: dict = {}
+
+    def _adsc_post_init(self) -> None:
+        if self.adsc_pruning_layers is None:
+            self.adsc_pruning_layers = []
+        self.adsc_pruning_layers = list(self.adsc_pruning_layers)
+        self.adsc_drop_ratio = float(self.adsc_drop_ratio)
+
+    def _adsc_check(self) -> None:
+        # Entries already present (e.g. `repo--module.Class` refs of a config loaded from the hub) win.
+        self.auto_map = {**self.AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
+        # Checked here rather than in a `@strict` validator so that users get the plain `ValueError` they catch.
+        validate_schedule(self.text_config.num_hidden_layers, self.adsc_pruning_layers, self.adsc_drop_ratio)
+
+    @property
+    def reference_vision_tokens(self) -> int:
+        """The vision tokens of one image that budgets and `vision_tokens_per_layer()` refer to by default."""
+        return self.image_seq_length
+
+    def vision_tokens_per_layer(self, num_vision_tokens: int | None = None) -> list[int]:
+        """Vision tokens of one image (default: `reference_vision_tokens`) seen by each decoder layer."""
+        num_vision_tokens = self.reference_vision_tokens if num_vision_tokens is None else num_vision_tokens
+        return vision_tokens_per_layer(
+            self.text_config.num_hidden_layers, self.adsc_pruning_layers, self.adsc_drop_ratio, num_vision_tokens
+        )
+
+    def average_vision_tokens(self, num_vision_tokens: int | None = None) -> float:
+        """The paper's budget: mean over all decoder layers of the vision tokens of one image each layer sees."""
+        tokens_per_layer = self.vision_tokens_per_layer(num_vision_tokens)
+        return sum(tokens_per_layer) / len(tokens_per_layer)
+
+    @property
+    def schedule(self) -> dict:
+        """The pruning schedule as config keys: `{"adsc_pruning_layers": [...], "adsc_drop_ratio": r}`.
+
+        `model.config.update(other.schedule)` switches a loaded model to another config's schedule.
+        """
+        return {"adsc_pruning_layers": list(self.adsc_pruning_layers), "adsc_drop_ratio": self.adsc_drop_ratio}
+
+    def with_budget(
+        self, budget: float | None, pruning_layers: list[int] | None = None, *, fraction: float | None = None
+    ):
+        """A copy of this config whose schedule reaches `budget` average vision tokens per layer.
+
+        Args:
+            budget: target mean, over all decoder layers, of the vision tokens each layer sees, for one image of
+                `reference_vision_tokens` tokens (LLaVA-1.5: 576, so e.g. 192). `r` is the smallest drop ratio that
+                does not exceed it (`solve_drop_ratio`). None (and no `fraction`): no pruning.
+            pruning_layers: the pruning layers; default this config's own, or, if it has none, the paper's
+                `[2, 8, 16, 24]` scaled to the depth (`default_pruning_layers`).
+            fraction: the budget as a share of `reference_vision_tokens` instead (1/3 is LLaVA-1.5's 192 of 576).
+
+        Raises:
+            ValueError: for malformed layers, or a budget they cannot reach (the message gives the reachable range).
+        """
+        if fraction is not None:
+            if budget is not None:
+                raise ValueError("Give either budget or fraction, not both.")
+            budget = fraction * self.reference_vision_tokens
+        num_layers = self.text_config.num_hidden_layers
+        if budget is None:
+            pruning_layers, drop_ratio = [], 0.0
+        else:
+            if pruning_layers is None:
+                pruning_layers = self.adsc_pruning_layers or default_pruning_layers(num_layers)
+            pruning_layers = list(pruning_layers)
+            validate_schedule(num_layers, pruning_layers, 0.0)
+            drop_ratio = solve_drop_ratio(num_layers, pruning_layers, self.reference_vision_tokens, budget)
+        config_dict = self.to_dict()
+        config_dict.update(adsc_pruning_layers=pruning_layers, adsc_drop_ratio=drop_ratio)
+        return type(self).from_dict(config_dict)
+
+    def to_stock_config(self):
+        """The stock config of the same model: every field but the schedule and the remote-code keys."""
+        config_dict = self.to_dict()
+        for key in (*self.schedule, *REMOTE_CODE_KEYS, *self.EXTRA_FIELDS):
+            config_dict.pop(key, None)
+        return self.STOCK_CONFIG_CLASS(**config_dict)
+
+    EXTRA_FIELDS: tuple[str, ...] = ()
+
+    @classmethod
+    def from_stock_config(
+        cls,
+        stock_config,
+        *,
+        pruning_layers: list[int] | None = None,
+        drop_ratio: float | None = None,
+        budget: float | None = None,
+    ):
+        """Build an ADSC config from a stock config of the family and a schedule.
+
+        Args:
+            stock_config: the stock (or ADSC) config; all its fields are kept.
+            pruning_layers: the pruning layers; defaults to the paper's `[2, 8, 16, 24]` scaled to the depth.
+            drop_ratio: the drop ratio `r`. Give this or `budget`, not both; neither means no pruning.
+            budget: target average vision tokens per layer (e.g. 192 of 576), solved by `with_budget`.
+        """
+        if drop_ratio is not None and budget is not None:
+            raise ValueError("Give either drop_ratio or budget, not both.")
+        config_dict = stock_config.to_dict()
+        for key in REMOTE_CODE_KEYS:
+            config_dict.pop(key, None)
+        config_dict.update(adsc_pruning_layers=[], adsc_drop_ratio=0.0)
+        config = cls(**config_dict)
+        if budget is not None:
+            return config.with_budget(budget, pruning_layers)
+        if pruning_layers is None:
+            pruning_layers = default_pruning_layers(config.text_config.num_hidden_layers) if drop_ratio else []
+        config.update({"adsc_pruning_layers": list(pruning_layers), "adsc_drop_ratio": float(drop_ratio or 0.0)})
+        validate_schedule(config.text_config.num_hidden_layers, config.adsc_pruning_layers, config.adsc_drop_ratio)
+        return config
+
+
 @strict
-class AdscLlavaConfig(LlavaConfig):
+class AdscLlavaConfig(AdscScheduleMixin, LlavaConfig):
     r"""
     Configuration of [`AdscLlavaForConditionalGeneration`]: a [`LlavaConfig`] plus the ADSC pruning schedule.
 
@@ -182,105 +305,25 @@ class AdscLlavaConfig(LlavaConfig):
     ```"""
 
     model_type = "adsc_llava"
+    STOCK_CONFIG_CLASS = LlavaConfig
+    AUTO_MAP = ADSC_AUTO_MAP
 
     adsc_pruning_layers: list[int] | None = None
     adsc_drop_ratio: float | int = 0.0
 
     def __post_init__(self, **kwargs):
-        if self.adsc_pruning_layers is None:
-            self.adsc_pruning_layers = []
-        self.adsc_pruning_layers = list(self.adsc_pruning_layers)
-        self.adsc_drop_ratio = float(self.adsc_drop_ratio)
+        self._adsc_post_init()
         super().__post_init__(**kwargs)
-        # Entries already present (e.g. `repo--module.Class` refs of a config loaded from the hub) win.
-        self.auto_map = {**ADSC_AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
-        # Checked here rather than in a `@strict` validator so that users get the plain `ValueError` they catch.
-        validate_schedule(self.text_config.num_hidden_layers, self.adsc_pruning_layers, self.adsc_drop_ratio)
-
-    def vision_tokens_per_layer(self, num_vision_tokens: int | None = None) -> list[int]:
-        """Vision tokens per image seen by each decoder layer (defaults to `image_seq_length` tokens per image)."""
-        num_vision_tokens = self.image_seq_length if num_vision_tokens is None else num_vision_tokens
-        return vision_tokens_per_layer(
-            self.text_config.num_hidden_layers, self.adsc_pruning_layers, self.adsc_drop_ratio, num_vision_tokens
-        )
-
-    def average_vision_tokens(self, num_vision_tokens: int | None = None) -> float:
-        """The paper's budget: mean over all decoder layers of the vision tokens per image each layer sees."""
-        tokens_per_layer = self.vision_tokens_per_layer(num_vision_tokens)
-        return sum(tokens_per_layer) / len(tokens_per_layer)
-
-    @property
-    def schedule(self) -> dict:
-        """The pruning schedule as config keys: `{"adsc_pruning_layers": [...], "adsc_drop_ratio": r}`.
-
-        `model.config.update(other.schedule)` switches a loaded model to another config's schedule.
-        """
-        return {"adsc_pruning_layers": list(self.adsc_pruning_layers), "adsc_drop_ratio": self.adsc_drop_ratio}
-
-    def with_budget(self, budget: float | None, pruning_layers: list[int] | None = None) -> "AdscLlavaConfig":
-        """A copy of this config whose schedule reaches `budget` average vision tokens per layer.
-
-        Args:
-            budget: target mean, over all decoder layers, of the vision tokens per image each layer sees, for an
-                image of `image_seq_length` tokens (e.g. 192 of 576). `r` is the smallest drop ratio that does not
-                exceed it (`solve_drop_ratio`). None: no pruning (an empty schedule).
-            pruning_layers: the pruning layers; default this config's own, or, if it has none, the paper's
-                `[2, 8, 16, 24]` scaled to the depth (`default_pruning_layers`).
-
-        Raises:
-            ValueError: for malformed layers, or a budget they cannot reach (the message gives the reachable range).
-        """
-        num_layers = self.text_config.num_hidden_layers
-        if budget is None:
-            pruning_layers, drop_ratio = [], 0.0
-        else:
-            if pruning_layers is None:
-                pruning_layers = self.adsc_pruning_layers or default_pruning_layers(num_layers)
-            pruning_layers = list(pruning_layers)
-            validate_schedule(num_layers, pruning_layers, 0.0)
-            drop_ratio = solve_drop_ratio(num_layers, pruning_layers, self.image_seq_length, budget)
-        config_dict = self.to_dict()
-        config_dict.update(adsc_pruning_layers=pruning_layers, adsc_drop_ratio=drop_ratio)
-        return type(self).from_dict(config_dict)
+        self._adsc_check()
 
     def to_llava_config(self) -> LlavaConfig:
         """The stock `LlavaConfig` of the same model: every field but the schedule and the remote-code keys."""
-        config_dict = self.to_dict()
-        for key in (*self.schedule, *REMOTE_CODE_KEYS):
-            config_dict.pop(key, None)
-        return LlavaConfig(**config_dict)
+        return self.to_stock_config()
 
     @classmethod
-    def from_llava_config(
-        cls,
-        llava_config: LlavaConfig,
-        *,
-        pruning_layers: list[int] | None = None,
-        drop_ratio: float | None = None,
-        budget: float | None = None,
-    ) -> "AdscLlavaConfig":
-        """Build an ADSC config from a stock LLaVA config and a schedule.
-
-        Args:
-            llava_config: the stock (or ADSC) LLaVA config; all its fields are kept.
-            pruning_layers: the pruning layers; defaults to the paper's `[2, 8, 16, 24]` scaled to the depth.
-            drop_ratio: the drop ratio `r`. Give this or `budget`, not both; neither means no pruning.
-            budget: target average vision tokens per layer (e.g. 192 of 576), solved by `with_budget`.
-        """
-        if drop_ratio is not None and budget is not None:
-            raise ValueError("Give either drop_ratio or budget, not both.")
-        config_dict = llava_config.to_dict()
-        for key in REMOTE_CODE_KEYS:
-            config_dict.pop(key, None)
-        config_dict.update(adsc_pruning_layers=[], adsc_drop_ratio=0.0)
-        config = cls(**config_dict)
-        if budget is not None:
-            return config.with_budget(budget, pruning_layers)
-        if pruning_layers is None:
-            pruning_layers = default_pruning_layers(config.text_config.num_hidden_layers) if drop_ratio else []
-        config.update({"adsc_pruning_layers": list(pruning_layers), "adsc_drop_ratio": float(drop_ratio or 0.0)})
-        validate_schedule(config.text_config.num_hidden_layers, config.adsc_pruning_layers, config.adsc_drop_ratio)
-        return config
+    def from_llava_config(cls, llava_config: LlavaConfig, **schedule) -> "AdscLlavaConfig":
+        """Build an ADSC config from a stock LLaVA config and a schedule (see `from_stock_config`)."""
+        return cls.from_stock_config(llava_config, **schedule)
 
 
 # `save_pretrained` copies this file next to config.json (transformers' `custom_object_save`) for remote code.

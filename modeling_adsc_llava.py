@@ -414,16 +414,19 @@ class LayerOutputs:
         return outputs
 
 
-class AdscLlavaModel(LlavaModel):
-    """`LlavaModel` whose language model drops vision tokens at `config.adsc_pruning_layers`."""
+class AdscModelMixin:
+    """The ADSC language-model pass, shared by the LLaVA, LLaVA-NeXT and LLaVA-OneVision model classes.
 
-    config_class = AdscLlavaConfig
+    A model class mixes it in before its stock class and, in its `forward`, computes the visual features as the stock
+    model does and hands them to `run_language_model`.
+    """
+
     # The number of tokens each stage keeps is data-dependent (text-only rows keep all), so no single graph.
     _can_compile_fullgraph = False
 
     @classmethod
     def is_custom_code(cls) -> bool:
-        """False: weights are initialised by LLaVA's own `_init_weights`, exactly as for stock LLaVA.
+        """False: weights are initialised by the stock classes' own `_init_weights`, exactly as in stock models.
 
         transformers guards custom code by skipping, when it initialises missing weights, every module without direct
         parameters; CLIP's attention and MLP blocks are such modules and set their child linears' scale, which would
@@ -431,50 +434,28 @@ class AdscLlavaModel(LlavaModel):
         """
         return False
 
-    def __init__(self, config: AdscLlavaConfig):
-        check_text_model_supported(config)
-        super().__init__(config)
-
-    @can_return_tuple
-    def forward(
+    def run_language_model(
         self,
-        input_ids: torch.LongTensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        cache: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        vision_feature_layer: int | list[int] | None = None,
-        vision_feature_select_strategy: str | None = None,
-        image_sizes: torch.Tensor | None = None,
-        mm_encoder_outputs: dict | None = None,
-        use_cache: bool | None = None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> LlavaModelOutputWithPast:
-        """Same inputs and outputs as `LlavaModel.forward`; `last_hidden_state` is `(batch, seq, hidden)`."""
-        legacy_cache = kwargs.pop("past_key_values", None)  # the pre-5.24 name, still accepted by stock models
-        cache = legacy_cache if legacy_cache is not None else cache
-        if (input_ids is None) ^ (inputs_embeds is not None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if pixel_values is not None and mm_encoder_outputs is not None:
-            raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs at the same time")
-        if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor,
+        visual_features: dict[int, list[torch.Tensor]],
+        *,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor | None,
+        cache: Cache | None,
+        use_cache: bool | None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, Cache | None, dict]:
+        """Merge the visual features into the embeddings and run `run_decoder`.
 
-        mm_encoder_outputs = dict(mm_encoder_outputs) if mm_encoder_outputs is not None else {}
-        if mm_encoder_outputs.get("image") is None and pixel_values is not None:
-            mm_encoder_outputs["image"] = self.get_image_features(
-                pixel_values=pixel_values,
-                vision_feature_layer=vision_feature_layer,
-                vision_feature_select_strategy=vision_feature_select_strategy,
-                image_sizes=image_sizes,
-                return_dict=True,
-                **kwargs,
-            )
-        inputs_embeds, image_offsets, unit_lengths = self.merge_image_features(
-            input_ids, inputs_embeds, mm_encoder_outputs.get("image")
+        Args:
+            visual_features: placeholder token id -> one `(n_i, hidden)` feature tensor per visual unit (an image or
+                a video), in batch-row-major order; empty when this forward has none (e.g. decode steps).
+        """
+        inputs_embeds, image_offsets, unit_lengths = self.merge_visual_features(
+            input_ids, inputs_embeds, visual_features
         )
-        last_hidden_state, cache, layer_outputs = self.run_decoder(
+        return self.run_decoder(
             inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -484,42 +465,36 @@ class AdscLlavaModel(LlavaModel):
             unit_lengths=unit_lengths,
             **kwargs,
         )
-        return LlavaModelOutputWithPast(
-            last_hidden_state=last_hidden_state,
-            cache=cache,
-            image_outputs=mm_encoder_outputs.get("image"),
-            **layer_outputs,
-        )
 
-    def merge_image_features(
-        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, image_outputs
+    def merge_visual_features(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, visual_features: dict
     ) -> tuple[torch.Tensor, torch.LongTensor, torch.LongTensor]:
-        """Put the image features at the image tokens, as stock LLaVA does, and find each image's tokens.
+        """Put each kind's features at its placeholder tokens, as the stock models do, and find every unit's tokens.
 
         Returns:
-            The `(batch, seq, hidden)` embeddings, each token's `(batch, seq)` index within its image (-1 for text),
-            and `(batch, seq)` its image's length (0 for text). Without images in this forward (decode steps,
-            text-only prompts) nothing is pruned: an image token id is then an ordinary token, as in stock LLaVA.
+            The `(batch, seq, hidden)` embeddings, each token's `(batch, seq)` index within its visual unit (-1 for
+            text) and `(batch, seq)` its unit's length (0 for text). Without features in this forward nothing is
+            pruned: a placeholder id is then an ordinary token, as in the stock models.
         """
-        no_images = torch.full(inputs_embeds.shape[:2], -1, dtype=torch.long, device=inputs_embeds.device)
-        if image_outputs is None:
-            return inputs_embeds, no_images, torch.zeros_like(no_images)
-        image_token_mask = self.image_token_mask(input_ids, inputs_embeds)
-        features = list(image_outputs.pooler_output)
-        with record_function(PROFILER_RANGES["image_offsets"]):
-            image_offsets, unit_lengths = visual_unit_offsets(image_token_mask, [len(feature) for feature in features])
-        image_features = torch.cat(features, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
-        inputs_embeds = inputs_embeds.masked_scatter(image_token_mask[..., None], image_features)
-        return inputs_embeds, image_offsets, unit_lengths
+        offsets = torch.full(inputs_embeds.shape[:2], -1, dtype=torch.long, device=inputs_embeds.device)
+        lengths = torch.zeros_like(offsets)
+        for token_id, features in visual_features.items():
+            mask = self.placeholder_mask(input_ids, inputs_embeds, token_id)
+            with record_function(PROFILER_RANGES["image_offsets"]):
+                unit_offsets, unit_lengths = visual_unit_offsets(mask, [len(feature) for feature in features])
+            merged = torch.cat(list(features), dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
+            inputs_embeds = inputs_embeds.masked_scatter(mask[..., None], merged)
+            offsets, lengths = torch.where(mask, unit_offsets, offsets), torch.where(mask, unit_lengths, lengths)
+        return inputs_embeds, offsets, lengths
 
-    def image_token_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor) -> torch.BoolTensor:
-        """`(batch, seq)` mask of the image placeholder tokens (from ids, or from embeddings as stock LLaVA does)."""
+    def placeholder_mask(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, token_id: int
+    ) -> torch.BoolTensor:
+        """`(batch, seq)` mask of one placeholder token (from ids, or from embeddings as the stock models do)."""
         if input_ids is not None:
-            return input_ids == self.config.image_token_id
-        image_token_embedding = self.get_input_embeddings()(
-            torch.tensor(self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
-        )
-        return (inputs_embeds == image_token_embedding).all(dim=-1)
+            return input_ids == token_id
+        embedding = self.get_input_embeddings()(torch.tensor(token_id, dtype=torch.long, device=inputs_embeds.device))
+        return (inputs_embeds == embedding).all(dim=-1)
 
     def run_decoder(
         self,
@@ -676,6 +651,71 @@ class AdscLlavaModel(LlavaModel):
         return stream.key_mask.new_zeros(batch_size, 0)  # `cache_for_forward` admits no keys cached elsewhere
 
 
+class AdscLlavaModel(AdscModelMixin, LlavaModel):
+    """`LlavaModel` whose language model drops vision tokens at `config.adsc_pruning_layers`."""
+
+    config_class = AdscLlavaConfig
+
+    def __init__(self, config: AdscLlavaConfig):
+        check_text_model_supported(config)
+        super().__init__(config)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        image_sizes: torch.Tensor | None = None,
+        mm_encoder_outputs: dict | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> LlavaModelOutputWithPast:
+        """Same inputs and outputs as `LlavaModel.forward`; `last_hidden_state` is `(batch, seq, hidden)`."""
+        legacy_cache = kwargs.pop("past_key_values", None)  # the pre-5.24 name, still accepted by stock models
+        cache = legacy_cache if legacy_cache is not None else cache
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if pixel_values is not None and mm_encoder_outputs is not None:
+            raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs at the same time")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+
+        mm_encoder_outputs = dict(mm_encoder_outputs) if mm_encoder_outputs is not None else {}
+        if mm_encoder_outputs.get("image") is None and pixel_values is not None:
+            mm_encoder_outputs["image"] = self.get_image_features(
+                pixel_values=pixel_values,
+                vision_feature_layer=vision_feature_layer,
+                vision_feature_select_strategy=vision_feature_select_strategy,
+                image_sizes=image_sizes,
+                return_dict=True,
+                **kwargs,
+            )
+        image_outputs = mm_encoder_outputs.get("image")
+        visual_features = {self.config.image_token_id: image_outputs.pooler_output} if image_outputs else {}
+        last_hidden_state, cache, layer_outputs = self.run_language_model(
+            input_ids,
+            inputs_embeds,
+            visual_features,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        return LlavaModelOutputWithPast(
+            last_hidden_state=last_hidden_state,
+            cache=cache,
+            image_outputs=mm_encoder_outputs.get("image"),
+            **layer_outputs,
+        )
+
+
 def check_attention_mask(attention_mask: torch.Tensor | None) -> None:
     """Refuse an attention mask the per-stage masks cannot be built from, with an error that says why."""
     if attention_mask is not None and attention_mask.ndim != 2:
@@ -724,22 +764,11 @@ def check_text_model_supported(config: AdscLlavaConfig) -> None:
         )
 
 
-class AdscLlavaForConditionalGeneration(LlavaForConditionalGeneration):
-    """`LlavaForConditionalGeneration` with ADSC: same parameters and outputs, fewer tokens in deeper layers.
+class AdscGenerationMixin:
+    """What ADSC changes in the generation classes: the cache `generate()` creates, and what it refuses."""
 
-    Logits have the stock shape `(batch, seq, vocab)`; at dropped vision positions they are the prediction from the
-    hidden state the token had when it was dropped (see the module docstring).
-    """
-
-    config_class = AdscLlavaConfig
     _can_compile_fullgraph = False
-    is_custom_code = AdscLlavaModel.is_custom_code
-
-    def __init__(self, config: AdscLlavaConfig):
-        LlavaPreTrainedModel.__init__(self, config)
-        self.model = AdscLlavaModel(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        self.post_init()
+    is_custom_code = AdscModelMixin.is_custom_code
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs):
         """`generate()`'s cache: an `AdscCache` where transformers would create a `DynamicCache`."""
@@ -761,6 +790,22 @@ class AdscLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         )
 
 
+class AdscLlavaForConditionalGeneration(AdscGenerationMixin, LlavaForConditionalGeneration):
+    """`LlavaForConditionalGeneration` with ADSC: same parameters and outputs, fewer tokens in deeper layers.
+
+    Logits have the stock shape `(batch, seq, vocab)`; at dropped vision positions they are the prediction from the
+    hidden state the token had when it was dropped (see the module docstring).
+    """
+
+    config_class = AdscLlavaConfig
+
+    def __init__(self, config: AdscLlavaConfig):
+        LlavaPreTrainedModel.__init__(self, config)
+        self.model = AdscLlavaModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+
 # Remote-code classes do not get transformers' checkpoint conversion mapping, so stock llava-hf checkpoints (including
 # the older `language_model.model.*` layout) would load with missing keys. Register LLaVA's mapping for ours.
 register_checkpoint_conversion_mapping("adsc_llava", get_checkpoint_conversion_mapping("llava"), overwrite=True)
@@ -776,7 +821,9 @@ __all__ = [
     "AdscCache",
     "AdscCacheLayer",
     "AdscLlavaForConditionalGeneration",
+    "AdscGenerationMixin",
     "AdscLlavaModel",
+    "AdscModelMixin",
     "prune_vision_tokens",
     "uniform_keep_indices",
 ]

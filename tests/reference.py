@@ -7,20 +7,35 @@ import torch
 from conftest import IMAGE_TOKEN_ID, TOKENS_PER_IMAGE
 
 
-def reference_alive_masks(input_ids: torch.Tensor, pruning_layers: list[int], drop_ratio: float, num_layers: int):
-    """`alive[l]`: `(batch, seq)` tokens that layer `l` sees, built one image at a time in plain Python."""
+def reference_alive_masks(
+    input_ids: torch.Tensor,
+    pruning_layers: list[int],
+    drop_ratio: float,
+    num_layers: int,
+    unit_lengths: list[int] | None = None,
+    placeholder_ids: tuple[int, ...] = (IMAGE_TOKEN_ID,),
+):
+    """`alive[l]`: `(batch, seq)` tokens that layer `l` sees, built one visual unit at a time in plain Python.
+
+    Units are the consecutive placeholder tokens of one image (or video), `unit_lengths` of them in row-major order
+    (default: `TOKENS_PER_IMAGE` each); every kind of placeholder in `placeholder_ids` is split the same way.
+    """
     alive = torch.ones(num_layers, *input_ids.shape, dtype=torch.bool)
+    lengths = iter(unit_lengths) if unit_lengths is not None else None
     for row in range(input_ids.shape[0]):
-        image_positions = (input_ids[row] == IMAGE_TOKEN_ID).nonzero().flatten().tolist()
-        for start in range(0, len(image_positions), TOKENS_PER_IMAGE):
-            survivors = image_positions[start : start + TOKENS_PER_IMAGE]
+        positions = [i for i, token in enumerate(input_ids[row].tolist()) if token in placeholder_ids]
+        start = 0
+        while start < len(positions):
+            n_unit = next(lengths) if lengths is not None else TOKENS_PER_IMAGE
+            unit = positions[start : start + n_unit]
+            survivors = unit
             for layer in range(num_layers):
                 if layer in pruning_layers:
                     n = len(survivors)
                     k = math.floor((1 - drop_ratio) * n)
                     survivors = [survivors[(2 * i + 1) * n // (2 * k)] for i in range(k)]
-                dropped = set(image_positions[start : start + TOKENS_PER_IMAGE]) - set(survivors)
-                alive[layer, row, sorted(dropped)] = False
+                alive[layer, row, sorted(set(unit) - set(survivors))] = False
+            start += n_unit
     return alive
 
 
@@ -29,7 +44,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-second, first], dim=-1)
 
 
-def reference_forward(model, batch, alive: torch.Tensor) -> dict:
+def reference_forward(model, batch, alive: torch.Tensor, inputs_embeds: torch.Tensor | None = None) -> dict:
     """Full-length forward with manual attention; tokens dropped at a layer are masked out as keys from there on.
 
     Returns the normed output, every layer's output `(batch, seq, hidden)` (dropped tokens computed on, as if kept,
@@ -39,12 +54,15 @@ def reference_forward(model, batch, alive: torch.Tensor) -> dict:
     text = llava.language_model
     config = model.config.text_config
     input_ids, padding = batch["input_ids"], batch["attention_mask"].bool()
-    embeds = text.embed_tokens(input_ids)
-    features = torch.cat(list(llava.get_image_features(batch["pixel_values"]).pooler_output))
-    embeds = embeds.masked_scatter((input_ids == IMAGE_TOKEN_ID)[..., None], features)
+    if inputs_embeds is None:
+        embeds = text.embed_tokens(input_ids)
+        features = torch.cat(list(llava.get_image_features(batch["pixel_values"]).pooler_output))
+        embeds = embeds.masked_scatter((input_ids == IMAGE_TOKEN_ID)[..., None], features)
+    else:
+        embeds = inputs_embeds
     batch_size, seq_len, _ = embeds.shape
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    head_dim = config.hidden_size // heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     positions = torch.arange(seq_len)
     inv_freq = 1.0 / (config.rope_parameters["rope_theta"] ** (torch.arange(0, head_dim, 2).float() / head_dim))
     angles = positions[:, None].float() * inv_freq[None]

@@ -12,7 +12,15 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 # Top-level files that checkpoints carry (the modeling code, the model card template) and wheels copy in.
-SHIPPED_FILES = ("configuration_adsc_llava.py", "modeling_adsc_llava.py", "model_card.md")
+SHIPPED_FILES = (
+    "configuration_adsc_llava.py",
+    "modeling_adsc_llava.py",
+    "configuration_adsc_llava_next.py",
+    "modeling_adsc_llava_next.py",
+    "configuration_adsc_llava_onevision.py",
+    "modeling_adsc_llava_onevision.py",
+    "model_card.md",
+)
 # What `transformers serve` needs (transformers' own `serving` extra, without its torch floor), for `adsc-llava serve`;
 # the tests query the server with the official `openai` client.
 SERVE_REQUIREMENTS = ["fastapi", "uvicorn", "pydantic>=2", "openai>=1.98.0"]

@@ -15,17 +15,23 @@ if (_SOURCE_ROOT / "modeling_adsc_llava.py").is_file():
     __path__ += [str(_SOURCE_ROOT), str(_SOURCE_ROOT / "examples")]
 
 from .configuration_adsc_llava import AdscLlavaConfig  # noqa: E402
+from .configuration_adsc_llava_next import AdscLlavaNextConfig  # noqa: E402
+from .configuration_adsc_llava_onevision import AdscLlavaOnevisionConfig  # noqa: E402
 
-_MODELING_NAMES = ("AdscLlavaForConditionalGeneration", "uniform_keep_indices")
+# name -> modeling module: imported on first use, so that config-only tools such as the cost model start fast.
+_MODELING_NAMES = {
+    "AdscLlavaForConditionalGeneration": "modeling_adsc_llava",
+    "uniform_keep_indices": "modeling_adsc_llava",
+    "AdscLlavaNextForConditionalGeneration": "modeling_adsc_llava_next",
+    "AdscLlavaOnevisionForConditionalGeneration": "modeling_adsc_llava_onevision",
+}
 
 
 def __getattr__(name: str):
-    # The modeling file (and torch's model code it pulls in) is imported on first use, so that config-only tools
-    # such as the cost model start fast.
     if name in _MODELING_NAMES:
-        from . import modeling_adsc_llava
+        import importlib
 
-        return getattr(modeling_adsc_llava, name)
+        return getattr(importlib.import_module(f"{__name__}.{_MODELING_NAMES[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -38,19 +44,25 @@ def shipped_file(name: str) -> Path:
 
 
 def register_auto_classes() -> None:
-    """Register ADSC-LLaVA with the Auto classes so local code can use them without `trust_remote_code`."""
+    """Register every ADSC family with the Auto classes so local code can use them without `trust_remote_code`."""
     from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
-    from .modeling_adsc_llava import AdscLlavaForConditionalGeneration
+    from .families import FAMILIES
 
-    AutoConfig.register(AdscLlavaConfig.model_type, AdscLlavaConfig, exist_ok=True)
-    AutoModel.register(AdscLlavaConfig, AdscLlavaForConditionalGeneration, exist_ok=True)
-    AutoModelForImageTextToText.register(AdscLlavaConfig, AdscLlavaForConditionalGeneration, exist_ok=True)
+    for family in FAMILIES:
+        config_class, model_class = family.config_class, family.model_class
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        AutoModel.register(config_class, model_class, exist_ok=True)
+        AutoModelForImageTextToText.register(config_class, model_class, exist_ok=True)
 
 
 __all__ = [
     "AdscLlavaConfig",
     "AdscLlavaForConditionalGeneration",
+    "AdscLlavaNextConfig",
+    "AdscLlavaNextForConditionalGeneration",
+    "AdscLlavaOnevisionConfig",
+    "AdscLlavaOnevisionForConditionalGeneration",
     "register_auto_classes",
     "shipped_file",
     "uniform_keep_indices",

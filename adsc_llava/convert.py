@@ -3,9 +3,10 @@
     adsc-llava convert SRC DST --budget 192
     adsc-llava convert SRC DST --drop-ratio 0.418 --pruning-layers 2 8 16 24
 
-SRC is a local checkpoint folder of `LlavaForConditionalGeneration` (config.json, safetensors weights in either the
-current `model.language_model.*` or the older `language_model.model.*` key layout, processor files) or of ADSC-LLaVA
-(to change its schedule). DST receives:
+SRC is a local checkpoint folder of `LlavaForConditionalGeneration`, `LlavaNextForConditionalGeneration` or
+`LlavaOnevisionForConditionalGeneration` (config.json, safetensors weights in the current `model.language_model.*` or
+the older `language_model.model.*` key layout, processor files) or of its ADSC twin (to change the schedule). For
+NeXT and OneVision, `--budget` refers to the config's reference image (`adsc_reference_tokens`). DST receives:
 
 - config.json: the source config as an `AdscLlavaConfig` with the schedule, and an `auto_map` for remote code;
 - the weights, unchanged and in the source dtype, as safetensors;
@@ -21,12 +22,13 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoProcessor, LlavaConfig
+from transformers import AutoProcessor
 
-from adsc_llava import AdscLlavaConfig, AdscLlavaForConditionalGeneration
+from adsc_llava import AdscLlavaConfig
 from adsc_llava.cli import prog
+from adsc_llava.families import family_of
 
-SHIPPED_MODELING_FILES = ("configuration_adsc_llava.py", "modeling_adsc_llava.py")  # written by save_pretrained
+SHIPPED_MODELING_FILES = ("configuration_adsc_llava.py", "modeling_adsc_llava.py")  # every family ships these
 # Any of these in SRC means it has a processor (or at least a tokenizer) that DST should carry too.
 PROCESSOR_FILES = (
     "processor_config.json",
@@ -43,21 +45,18 @@ class CorruptCheckpointError(ValueError):
     """The source weights do not fill the model exactly: missing, unexpected or wrongly shaped tensors."""
 
 
-def read_source_config(src: Path) -> LlavaConfig:
-    """The LLaVA (or ADSC-LLaVA) config of the checkpoint folder `src`, chosen by its `model_type`."""
+def read_source_config(src: Path):
+    """The stock or ADSC config of the checkpoint folder `src`, of the family its `model_type` names."""
     config_file = src / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{src} has no config.json: expected a Hugging Face LLaVA checkpoint folder.")
     model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
-    if model_type == LlavaConfig.model_type:
-        return LlavaConfig.from_pretrained(src)
-    if model_type == AdscLlavaConfig.model_type:
-        return AdscLlavaConfig.from_pretrained(src)
-    raise ValueError(
-        f"{src} holds a checkpoint of model_type '{model_type}'; expected a LLaVA checkpoint (model_type "
-        f"'{LlavaConfig.model_type}', e.g. llava-hf/llava-1.5-7b-hf) or an ADSC-LLaVA one "
-        f"('{AdscLlavaConfig.model_type}')."
-    )
+    try:
+        family = family_of(model_type)
+    except ValueError as error:
+        raise ValueError(f"{src} holds a checkpoint of model_type '{model_type}': {error}") from None
+    config_class = family.config_class if model_type == family.adsc_type else family.stock_config_class
+    return config_class.from_pretrained(src)
 
 
 def check_destination(src: Path, dst: Path, overwrite: bool) -> None:
@@ -94,15 +93,14 @@ def loading_problems(loading_info: dict) -> list[str]:
     return problems
 
 
-def load_source_weights(
-    src: str | Path, config: AdscLlavaConfig, dtype: torch.dtype | str = "auto"
-) -> AdscLlavaForConditionalGeneration:
-    """The source weights in the ADSC class (`"auto"`: their own dtype); a `CorruptCheckpointError` unless all fit.
+def load_source_weights(src: str | Path, config, dtype: torch.dtype | str = "auto"):
+    """The source weights in the family's ADSC class (`"auto"`: their own dtype); a `CorruptCheckpointError` unless
+    all fit.
 
-    Both llava-hf key layouts load: the modeling file registers LLaVA's checkpoint conversion mapping for ADSC.
+    Both llava-hf key layouts load: the modeling files register their family's checkpoint conversion mapping.
     """
     # Mismatched shapes are collected (not raised one by one) so that the error lists every problem at once.
-    model, loading_info = AdscLlavaForConditionalGeneration.from_pretrained(
+    model, loading_info = family_of(config.model_type).model_class.from_pretrained(
         src, config=config, dtype=dtype, ignore_mismatched_sizes=True, output_loading_info=True
     )
     problems = loading_problems(loading_info)
@@ -132,7 +130,7 @@ def format_schedule(config: AdscLlavaConfig) -> str:
             f"drop ratio r: {config.adsc_drop_ratio:g}",
             f"vision tokens per image seen by each of the {len(tokens_per_layer)} LLM layers: {tokens_per_layer}",
             f"average vision tokens per layer (budget): {config.average_vision_tokens():.2f} "
-            f"of {config.image_seq_length}",
+            f"of {config.reference_vision_tokens}",
         ]
     )
 
@@ -166,8 +164,9 @@ def convert_checkpoint(
     """
     src, dst = Path(src), Path(dst)
     check_destination(src, dst, overwrite)
-    config = AdscLlavaConfig.from_llava_config(
-        read_source_config(src), pruning_layers=pruning_layers, drop_ratio=drop_ratio, budget=budget
+    source = read_source_config(src)
+    config = family_of(source.model_type).config_class.from_stock_config(
+        source, pruning_layers=pruning_layers, drop_ratio=drop_ratio, budget=budget
     )
     model = load_source_weights(src, config)
     model.save_pretrained(dst)  # safetensors, config.json with auto_map, and both modeling files

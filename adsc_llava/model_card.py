@@ -41,7 +41,7 @@ def render_model_card(
         "repo_id": repo_id or "path/to/this/checkpoint",
         "pruning_layers": config.adsc_pruning_layers,
         "drop_ratio": f"{config.adsc_drop_ratio:.4f}",
-        "num_vision_tokens": config.image_seq_length,
+        "num_vision_tokens": config.reference_vision_tokens,
         "average_tokens": f"{config.average_vision_tokens():.1f}",
         "tokens_per_layer": format_schedule(config.vision_tokens_per_layer()),
         "cost_section": cost_section(config),

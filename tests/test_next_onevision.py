@@ -291,3 +291,34 @@ def test_checkpoint_loads_as_remote_code_in_a_fresh_process(family, tmp_path):
         expected = model(**inputs).logits
     assert (torch.load(tmp_path / "logits.pt") - expected).abs().max() <= MAX_ABS_DIFF
     assert json.loads((checkpoint / "config.json").read_text())["model_type"] == type(model.config).model_type
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("layout", ["current", "old"])
+def test_convert_takes_stock_checkpoints_of_both_key_layouts(family, layout, tmp_path):
+    """`adsc-llava convert` on a stock NeXT / OneVision folder: every weight in place, the schedule solved."""
+    from safetensors.torch import load_file, save_file
+
+    from adsc_llava.convert import main as convert_main
+
+    model, stock = models(family, attn="sdpa")
+    source = tmp_path / "stock"
+    stock.save_pretrained(source)
+    if layout == "old":  # the llava-hf layout before transformers 4.52: language_model.model.*, top-level towers
+        weights = load_file(source / "model.safetensors")
+        renamed = {}
+        for key, tensor in weights.items():
+            key = key.replace("model.language_model.", "language_model.model.", 1)
+            key = key.removeprefix("model.")
+            renamed[key] = tensor
+        assert any(key.startswith("language_model.model.") for key in renamed)
+        save_file(renamed, source / "model.safetensors", metadata={"format": "pt"})
+    reference = model.config.reference_vision_tokens
+    assert convert_main([str(source), str(tmp_path / "adsc"), "--budget", str(reference / 3)]) == 0
+    _, adsc_config_class, adsc_class, _ = FAMILIES[family]
+    converted = adsc_class.from_pretrained(tmp_path / "adsc").eval()
+    assert (
+        isinstance(converted.config, adsc_config_class) and converted.config.average_vision_tokens() <= reference / 3
+    )
+    for name, tensor in stock.state_dict().items():
+        assert torch.equal(converted.state_dict()[name], tensor), name

@@ -22,7 +22,16 @@ from conftest import run_fresh_process
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_FILES = ("configuration_adsc_llava.py", "modeling_adsc_llava.py")
-PROJECT_MODULES = ("adsc_llava", "train", "configuration_adsc_llava", "modeling_adsc_llava")
+PROJECT_MODULES = (
+    "adsc_llava",
+    "train",
+    "configuration_adsc_llava",
+    "modeling_adsc_llava",
+    "configuration_adsc_llava_next",
+    "modeling_adsc_llava_next",
+    "configuration_adsc_llava_onevision",
+    "modeling_adsc_llava_onevision",
+)
 AUTO_CLASSES = ("AutoConfig", "AutoModel", "AutoModelForImageTextToText")
 NEW_TOKENS = 4
 

@@ -32,7 +32,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SUBCOMMANDS = ("convert", "cost", "bench", "train", "demo", "serve")
 # Subpackage -> its folder in the source tree (as in setup.py's package_dir).
 SUBPACKAGE_FOLDERS = {"train": "train", "benchmarks": "benchmarks", "shapes_demo": "examples/shapes_demo"}
-SHIPPED_FILES = ("configuration_adsc_llava.py", "modeling_adsc_llava.py", "model_card.md")
+SHIPPED_FILES = (
+    "configuration_adsc_llava.py",
+    "modeling_adsc_llava.py",
+    "configuration_adsc_llava_next.py",
+    "modeling_adsc_llava_next.py",
+    "configuration_adsc_llava_onevision.py",
+    "modeling_adsc_llava_onevision.py",
+    "model_card.md",
+)
 # Top-level names that the old layout installed or a source checkout exposes; the wheel must install none of them.
 FOREIGN_TOP_LEVEL = ("train", "benchmarks", "shapes_demo", "examples", "configuration_adsc_llava",
                      "modeling_adsc_llava")  # fmt: skip

@@ -42,7 +42,7 @@ def build_curriculum(
     """Split `total_steps` into phases training at `factor * target_budget` vision tokens on average.
 
     Args:
-        config: the model's config; its pruning layers and `image_seq_length` are used.
+        config: the model's config; its pruning layers and `reference_vision_tokens` are used.
         target_budget: the final average vision tokens per layer (e.g. 192 of 576).
         total_steps: optimizer steps of the whole run.
         factors: budget factors of the phases, in order.
@@ -61,7 +61,7 @@ def build_curriculum(
             f"the run has {total_steps}."
         )
     num_layers = config.text_config.num_hidden_layers
-    num_tokens = config.image_seq_length
+    num_tokens = config.reference_vision_tokens
     low, high = reachable_budget_range(num_layers, config.adsc_pruning_layers, num_tokens)
     phases, first_step, cumulative = [], 0, 0.0
     for factor, fraction in zip(factors, phase_fractions, strict=True):
@@ -110,9 +110,8 @@ def describe_curriculum(config: AdscLlavaConfig, phases: list[CurriculumPhase]) 
     """One line per phase: steps, budget, r and the tokens each layer sees (run-length encoded)."""
     lines = []
     for number, phase in enumerate(phases, start=1):
-        tokens = vision_tokens_per_layer(
-            config.text_config.num_hidden_layers, config.adsc_pruning_layers, phase.drop_ratio, config.image_seq_length
-        )
+        num_layers, layers = config.text_config.num_hidden_layers, config.adsc_pruning_layers
+        tokens = vision_tokens_per_layer(num_layers, layers, phase.drop_ratio, config.reference_vision_tokens)
         lines.append(
             f"  phase {number}: steps {phase.first_step}-{max(phase.end_step - 1, phase.first_step)}  "
             f"{phase.factor:g}x -> budget {phase.budget:.1f}  r={phase.drop_ratio:.4f}  "

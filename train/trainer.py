@@ -22,7 +22,8 @@ from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 from adsc_llava import AdscLlavaConfig, AdscLlavaForConditionalGeneration
 from adsc_llava.convert import load_source_weights
-from adsc_llava.cost import adsc_config, format_schedule
+from adsc_llava.cost import format_schedule
+from adsc_llava.families import adsc_config_for
 from adsc_llava.model_card import write_model_card
 from adsc_llava.train.args import AdscTrainConfig
 from adsc_llava.train.curriculum import CurriculumCallback, build_curriculum, describe_curriculum
@@ -45,11 +46,9 @@ def load_adsc_model(
             weights are missing, unexpected or of the wrong shape.
     """
     source_config = AutoConfig.from_pretrained(path, trust_remote_code=True)
-    if source_config.model_type not in ("llava", "adsc_llava"):
-        raise ValueError(f"{path} is a '{source_config.model_type}' checkpoint; ADSC trains LLaVA ('llava').")
-    config = adsc_config(source_config)
+    config = adsc_config_for(source_config)  # a ValueError naming the supported families for anything else
     if budget is None:
-        config = AdscLlavaConfig.from_llava_config(config, pruning_layers=pruning_layers or [])
+        config = type(config).from_stock_config(config, pruning_layers=pruning_layers or [])
     else:
         config = config.with_budget(budget, pruning_layers)
     return load_source_weights(path, config, dtype)
@@ -129,6 +128,14 @@ class AdscTrainer(Trainer):
         Rows are padded on the right to the new length (the collator pads on the right too).
         """
         config = self.accelerator.unwrap_model(model).config
+        if config.model_type != "adsc_llava":  # NeXT / OneVision: a blank image's span depends on its grid
+            if self.args.world_size > 1:
+                raise NotImplementedError(
+                    f"A batch without images on one of {self.args.world_size} processes needs a blank-image row, "
+                    f"which is built for LLaVA-1.5 only, not for '{config.model_type}'. Use "
+                    "--group-by-modality-length true so that every rank gets image or text batches alike."
+                )
+            return inputs  # one process: no other rank to keep in step with
         vision = config.vision_config
         input_ids, attention_mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
         length = max(input_ids.shape[1], config.image_seq_length)
@@ -356,7 +363,7 @@ def summarize_end(final_dir: Path, adsc_model, trainer: AdscTrainer) -> str:
         [
             f"Done: {trainer.state.global_step} steps. Model saved to {final_dir}",
             f"  schedule: layers {config.adsc_pruning_layers}, r={config.adsc_drop_ratio:.4f}, "
-            f"average {config.average_vision_tokens():.1f} of {config.image_seq_length} vision tokens per layer",
+            f"average {config.average_vision_tokens():.1f} of {config.reference_vision_tokens} vision tokens a layer",
             f"  tokens per layer: {format_schedule(config.vision_tokens_per_layer())}",
             "  load it with:",
             "    from transformers import AutoModelForImageTextToText, AutoProcessor",

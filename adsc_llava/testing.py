@@ -17,10 +17,12 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextProcessor,
     LlavaProcessor,
     PreTrainedTokenizerFast,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
 UNK_TOKEN = "<unk>"
 BOS_TOKEN = "<s>"
@@ -276,3 +278,26 @@ def init_patch_position_embeddings(model: LlavaForConditionalGeneration, scale: 
     grid_size = embeddings.image_size // embeddings.patch_size
     weight = embeddings.position_embedding.weight
     weight[1:] = sincos_2d_position_embeddings(grid_size, weight.shape[1], scale).to(weight)
+
+
+def build_next_processor(
+    tokenizer: PreTrainedTokenizerFast,
+    crop_size: int,
+    patch_size: int,
+    grid_pinpoints: list[list[int]],
+    chat_template: str = LLAVA_HF_CHAT_TEMPLATE,
+) -> LlavaNextProcessor:
+    """LLaVA-NeXT style processor (PIL, offline): images cut into a size-dependent grid of `crop_size` crops."""
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": crop_size},
+        crop_size={"height": crop_size, "width": crop_size},
+        image_grid_pinpoints=grid_pinpoints,
+    )
+    return LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # the CLS token, dropped again by the "default" strategy
+        chat_template=chat_template,
+    )

@@ -322,3 +322,60 @@ def test_convert_takes_stock_checkpoints_of_both_key_layouts(family, layout, tmp
     )
     for name, tensor in stock.state_dict().items():
         assert torch.equal(converted.state_dict()[name], tensor), name
+
+
+def test_next_fine_tunes_with_lora_and_the_curriculum(tmp_path):
+    """A few LoRA steps on LLaVA-NeXT with images of different sizes (different crop counts in one batch)."""
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from adsc_llava.testing import build_next_processor, build_word_tokenizer
+    from adsc_llava.train.args import AdscTrainConfig
+    from adsc_llava.train.trainer import run_training
+
+    words = ("what", "color", "is", "the", "shape", "?", "red", "blue", "green")
+    processor = build_next_processor(build_word_tokenizer(words), CROP, 4, PINPOINTS)
+    config = next_config()
+    config.text_config.vocab_size = len(processor.tokenizer)
+    config.image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    config.text_config.pad_token_id = processor.tokenizer.pad_token_id
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    LlavaNextForConditionalGeneration(config).save_pretrained(base)
+    processor.save_pretrained(base)
+    (tmp_path / "images").mkdir()
+    records = []
+    for index, ((width, height), color) in enumerate(
+        zip([(16, 16), (40, 20), (20, 40), (32, 32)], (*words[6:], "red"), strict=True)
+    ):
+        Image.new("RGB", (width, height), color).save(tmp_path / "images" / f"{index}.png")
+        conversation = [
+            {"from": "human", "value": "<image>\nwhat color is the shape ?"},
+            {"from": "gpt", "value": color},
+        ]
+        records.append({"id": str(index), "image": f"images/{index}.png", "conversations": conversation})
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    final = run_training(
+        AdscTrainConfig(
+            model=str(base),
+            data=str(tmp_path / "data.json"),
+            output_dir=str(tmp_path / "out"),
+            budget=780.0,  # a third of the reference image's 2,340 tokens
+            max_steps=3,
+            per_device_train_batch_size=4,
+            lora_r=4,
+            lora_alpha=8,
+            learning_rate=1e-2,
+            projector_learning_rate=1e-2,
+            gradient_checkpointing=False,
+            save_steps=1000,
+            disable_tqdm=True,
+        )
+    )
+    trained = AdscLlavaNextForConditionalGeneration.from_pretrained(final)
+    assert isinstance(trained.config, AdscLlavaNextConfig) and trained.config.average_vision_tokens() <= 780
+    weights, before = load_file(final / "model.safetensors"), load_file(base / "model.safetensors")
+    changed = {name for name in weights if not torch.equal(weights[name], before[name])}
+    assert any("multi_modal_projector" in name for name in changed)  # trained
+    assert any("language_model" in name and "q_proj" in name for name in changed)  # LoRA merged
+    assert not any("vision_tower" in name or "image_newline" in name for name in changed)  # frozen

@@ -46,6 +46,7 @@ from typing import Any, Literal
 
 import torch
 from PIL import Image
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 from transformers import ProcessorMixin
@@ -391,6 +392,15 @@ def truncation_point(
     return max_length
 
 
+# What a LLaVA-family processor returns for images: LLaVA-1.5 pixels, and NeXT / OneVision crops with image sizes.
+IMAGE_TENSOR_KEYS = ("pixel_values", "image_sizes")
+
+
+def image_tensors(encoding: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The image tensors of a processor's output (none for a text-only sample)."""
+    return {key: encoding[key] for key in IMAGE_TENSOR_KEYS if encoding.get(key) is not None}
+
+
 def fit_to_length(
     record_id: str,
     input_ids: torch.Tensor,
@@ -476,25 +486,26 @@ class ConversationEncoder:
         return self._image_tokens_by_size[size]
 
     def encode(self, conversation: Conversation, image: Image.Image | None) -> dict[str, torch.Tensor]:
-        """`input_ids` and `labels` `[seq_len]`, plus `pixel_values` `[1, 3, H, W]` when `image` is given."""
+        """`input_ids` and `labels` `[seq_len]`, plus the processor's image tensors when `image` is given.
+
+        These are `pixel_values` `[1, 3, H, W]` (LLaVA-1.5), or `[1, crops, 3, H, W]` and `image_sizes` `[1, 2]`
+        (LLaVA-NeXT / OneVision, whose images are cut into a size-dependent number of crops).
+        """
         messages = self.messages(conversation)
         if self.uses_generation_markers:
-            input_ids, answers, pixel_values = self._tokenize_with_mask(messages, image)
+            input_ids, answers, visual = self._tokenize_with_mask(messages, image)
         else:
-            input_ids, answers, pixel_values = self._tokenize_with_spans(messages, image)
+            input_ids, answers, visual = self._tokenize_with_spans(messages, image)
         if self.assistant_only_loss:
             labels = input_ids.masked_fill(~answers, IGNORE_INDEX)
         else:
             labels = input_ids.masked_fill(input_ids == self.image_token_id, IGNORE_INDEX)
-        encoded = {"input_ids": input_ids, "labels": labels}
-        if pixel_values is not None:
-            encoded["pixel_values"] = pixel_values
-        return encoded
+        return {"input_ids": input_ids, "labels": labels, **visual}
 
     def _tokenize_with_mask(
         self, messages: list[dict[str, Any]], image: Image.Image | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Token ids, answer mask and pixels from `apply_chat_template`'s assistant mask (generation markers)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Token ids, answer mask and image tensors from the assistant mask of `apply_chat_template` (markers)."""
         encoding = self.processor.apply_chat_template(
             messages,
             tokenize=True,
@@ -510,7 +521,7 @@ class ConversationEncoder:
         while end > 0 and self._is_blank(int(input_ids[end - 1])):
             end -= 1
         input_ids, marked = input_ids[:end], marked[:end]
-        return input_ids, self._answers_in_marked_runs(input_ids, marked), encoding.get("pixel_values")
+        return input_ids, self._answers_in_marked_runs(input_ids, marked), image_tensors(encoding)
 
     def _answers_in_marked_runs(self, input_ids: torch.Tensor, marked: torch.Tensor) -> torch.Tensor:
         """Each run of marked tokens cut back to its answer: first non-blank token through the closing EOS.
@@ -549,8 +560,8 @@ class ConversationEncoder:
 
     def _tokenize_with_spans(
         self, messages: list[dict[str, Any]], image: Image.Image | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Token ids, answer mask and pixels from prefix rendering (templates without generation markers)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Token ids, answer mask and image tensors from prefix rendering (templates without generation markers)."""
         rendered = render_conversation(self.processor, messages)
         encoding = self.processor(
             images=[image] if image is not None else None,
@@ -562,7 +573,7 @@ class ConversationEncoder:
         )
         spans = _shift_spans(rendered.assistant_spans, encoding["text_replacement_offsets"][0])
         answers = tokens_in_spans(encoding["offset_mapping"][0], spans)
-        return encoding["input_ids"][0], answers, encoding.get("pixel_values")
+        return encoding["input_ids"][0], answers, image_tensors(encoding)
 
 
 def _word_count(record: Any) -> int:
@@ -835,11 +846,23 @@ class LlavaDataCollator:
             "labels": self._pad(labels, length, self.label_pad_token_id),
         }
         pixel_values = [feature["pixel_values"] for feature in features if feature.get("pixel_values") is not None]
-        if pixel_values:
-            shapes = {tuple(pixels.shape[1:]) for pixels in pixel_values}
-            if len(shapes) != 1:
-                raise ValueError(f"All images of a batch must have the same processed shape, got {sorted(shapes)}")
-            batch["pixel_values"] = torch.cat([torch.as_tensor(pixels) for pixels in pixel_values], dim=0)
+        if not pixel_values:
+            return batch
+        pixel_values = [torch.as_tensor(pixels) for pixels in pixel_values]
+        if any(feature.get("image_sizes") is not None for feature in features):
+            # NeXT / OneVision: `[1, crops, 3, H, W]` per image, crops by image size: zero-pad to the most crops, as
+            # their image processors pad a batch; the model reads each image's crop count from `image_sizes`.
+            most = max(pixels.shape[1] for pixels in pixel_values)
+            pixel_values = [
+                nn.functional.pad(pixels, (0, 0, 0, 0, 0, 0, 0, most - pixels.shape[1])) for pixels in pixel_values
+            ]
+            batch["image_sizes"] = torch.cat(
+                [torch.as_tensor(f["image_sizes"]) for f in features if "image_sizes" in f]
+            )
+        shapes = {tuple(pixels.shape[1:]) for pixels in pixel_values}
+        if len(shapes) != 1:
+            raise ValueError(f"All images of a batch must have the same processed shape, got {sorted(shapes)}")
+        batch["pixel_values"] = torch.cat(pixel_values, dim=0)
         return batch
 
 

@@ -168,13 +168,12 @@ class AdscScheduleMixin:
     STOCK_CONFIG_CLASS: type = LlavaConfig
     AUTO_MAP: dict = {}
 
-    def _adsc_post_init(self) -> None:
+    def __post_init__(self, **kwargs):
         if self.adsc_pruning_layers is None:
             self.adsc_pruning_layers = []
         self.adsc_pruning_layers = list(self.adsc_pruning_layers)
         self.adsc_drop_ratio = float(self.adsc_drop_ratio)
-
-    def _adsc_check(self) -> None:
+        super().__post_init__(**kwargs)
         # Entries already present (e.g. `repo--module.Class` refs of a config loaded from the hub) win.
         self.auto_map = {**self.AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
         # Checked here rather than in a `@strict` validator so that users get the plain `ValueError` they catch.
@@ -182,8 +181,9 @@ class AdscScheduleMixin:
 
     @property
     def reference_vision_tokens(self) -> int:
-        """The vision tokens of one image that budgets and `vision_tokens_per_layer()` refer to by default."""
-        return self.image_seq_length
+        """The vision tokens of one image that budgets and `vision_tokens_per_layer()` refer to by default: the
+        config's `adsc_reference_tokens` where the family has one (image sizes vary), else `image_seq_length`."""
+        return getattr(self, "adsc_reference_tokens", None) or self.image_seq_length
 
     def vision_tokens_per_layer(self, num_vision_tokens: int | None = None) -> list[int]:
         """Vision tokens of one image (default: `reference_vision_tokens`) seen by each decoder layer."""
@@ -310,11 +310,6 @@ class AdscLlavaConfig(AdscScheduleMixin, LlavaConfig):
 
     adsc_pruning_layers: list[int] | None = None
     adsc_drop_ratio: float | int = 0.0
-
-    def __post_init__(self, **kwargs):
-        self._adsc_post_init()
-        super().__post_init__(**kwargs)
-        self._adsc_check()
 
     def to_llava_config(self) -> LlavaConfig:
         """The stock `LlavaConfig` of the same model: every field but the schedule and the remote-code keys."""

@@ -41,15 +41,6 @@ class AdscLlavaOnevisionConfig(AdscScheduleMixin, LlavaOnevisionConfig):
     adsc_drop_ratio: float | int = 0.0
     adsc_reference_tokens: int = ONEVISION_REFERENCE_TOKENS
 
-    def __post_init__(self, **kwargs):
-        self._adsc_post_init()
-        super().__post_init__(**kwargs)
-        self._adsc_check()
-
-    @property
-    def reference_vision_tokens(self) -> int:
-        return self.adsc_reference_tokens
-
 
 AdscLlavaOnevisionConfig.register_for_auto_class("AutoConfig")
 

@@ -434,6 +434,34 @@ class AdscModelMixin:
         """
         return False
 
+    def begin_forward(
+        self,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor | None,
+        cache: Cache | None,
+        mm_encoder_outputs: dict | None,
+        pixel_inputs: str | None,
+        kwargs: dict,
+    ) -> tuple[torch.Tensor, Cache | None, dict]:
+        """What every stock forward does first: the pre-5.24 cache name, exclusive inputs, the token embeddings.
+
+        Args:
+            pixel_inputs: the name of the pixel inputs this call was given (None when none), for the error.
+            kwargs: the forward's `**kwargs`; `past_key_values` is taken out of it.
+
+        Returns:
+            The embeddings, the cache, and a copy of `mm_encoder_outputs` (an empty dict for None) to fill.
+        """
+        legacy_cache = kwargs.pop("past_key_values", None)  # the pre-5.24 name, still accepted by stock models
+        cache = legacy_cache if legacy_cache is not None else cache
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if pixel_inputs is not None and mm_encoder_outputs is not None:
+            raise ValueError(f"You cannot specify both {pixel_inputs} and mm_encoder_outputs at the same time")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        return inputs_embeds, cache, dict(mm_encoder_outputs) if mm_encoder_outputs is not None else {}
+
     def run_language_model(
         self,
         input_ids: torch.LongTensor | None,
@@ -677,16 +705,10 @@ class AdscLlavaModel(AdscModelMixin, LlavaModel):
         **kwargs: Unpack[TransformersKwargs],
     ) -> LlavaModelOutputWithPast:
         """Same inputs and outputs as `LlavaModel.forward`; `last_hidden_state` is `(batch, seq, hidden)`."""
-        legacy_cache = kwargs.pop("past_key_values", None)  # the pre-5.24 name, still accepted by stock models
-        cache = legacy_cache if legacy_cache is not None else cache
-        if (input_ids is None) ^ (inputs_embeds is not None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if pixel_values is not None and mm_encoder_outputs is not None:
-            raise ValueError("You cannot specify both pixel_values and mm_encoder_outputs at the same time")
-        if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
-
-        mm_encoder_outputs = dict(mm_encoder_outputs) if mm_encoder_outputs is not None else {}
+        pixel_inputs = "pixel_values" if pixel_values is not None else None
+        inputs_embeds, cache, mm_encoder_outputs = self.begin_forward(
+            input_ids, inputs_embeds, cache, mm_encoder_outputs, pixel_inputs, kwargs
+        )
         if mm_encoder_outputs.get("image") is None and pixel_values is not None:
             mm_encoder_outputs["image"] = self.get_image_features(
                 pixel_values=pixel_values,

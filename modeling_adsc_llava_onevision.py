@@ -54,17 +54,11 @@ class AdscLlavaOnevisionModel(AdscModelMixin, LlavaOnevisionModel):
         **kwargs: Unpack[TransformersKwargs],
     ) -> LlavaOnevisionModelOutputWithPast:
         """Same inputs and outputs as `LlavaOnevisionModel.forward`; `last_hidden_state` is `(batch, seq, hidden)`."""
-        legacy_cache = kwargs.pop("past_key_values", None)  # the pre-5.24 name, still accepted by stock models
-        cache = legacy_cache if legacy_cache is not None else cache
-        if (input_ids is None) ^ (inputs_embeds is not None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if (pixel_values is not None or pixel_values_videos is not None) and mm_encoder_outputs is not None:
-            raise ValueError(
-                "You cannot specify both pixel_values/pixel_values_videos and mm_encoder_outputs at the same time"
-            )
-        if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
-        mm_encoder_outputs = dict(mm_encoder_outputs) if mm_encoder_outputs is not None else {}
+        pixels = {"pixel_values": pixel_values, "pixel_values_videos": pixel_values_videos}
+        pixel_inputs = "/".join(name for name, value in pixels.items() if value is not None) or None
+        inputs_embeds, cache, mm_encoder_outputs = self.begin_forward(
+            input_ids, inputs_embeds, cache, mm_encoder_outputs, pixel_inputs, kwargs
+        )
         if mm_encoder_outputs.get("image") is None and pixel_values is not None:
             mm_encoder_outputs["image"] = self.get_image_features(
                 pixel_values,

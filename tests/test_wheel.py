@@ -24,6 +24,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from test_packaging import setup_constant
 
 from adsc_llava.cost import format_schedule
 from adsc_llava.testing import PROMPT_WORDS, SPECIAL_TOKENS
@@ -32,15 +33,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SUBCOMMANDS = ("convert", "cost", "bench", "train", "demo", "serve")
 # Subpackage -> its folder in the source tree (as in setup.py's package_dir).
 SUBPACKAGE_FOLDERS = {"train": "train", "benchmarks": "benchmarks", "shapes_demo": "examples/shapes_demo"}
-SHIPPED_FILES = (
-    "configuration_adsc_llava.py",
-    "modeling_adsc_llava.py",
-    "configuration_adsc_llava_next.py",
-    "modeling_adsc_llava_next.py",
-    "configuration_adsc_llava_onevision.py",
-    "modeling_adsc_llava_onevision.py",
-    "model_card.md",
-)
+SHIPPED_FILES = setup_constant("SHIPPED_FILES")
 # Top-level names that the old layout installed or a source checkout exposes; the wheel must install none of them.
 FOREIGN_TOP_LEVEL = ("train", "benchmarks", "shapes_demo", "examples", "configuration_adsc_llava",
                      "modeling_adsc_llava")  # fmt: skip

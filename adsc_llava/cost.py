@@ -40,7 +40,8 @@ Example:
 """
 
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,12 +52,14 @@ from adsc_llava.configuration_adsc_llava import (
 )
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"  # package data
-REFERENCE_CONFIGS = ("llava-1.5-7b", "llava-1.5-13b")
+REFERENCE_CONFIGS = ("llava-1.5-7b", "llava-1.5-13b", "llava-next-7b", "llava-onevision-7b")
 
 # Decoder-only text models whose layers are Llama-shaped: q/k/v/o projections and a gated (gate/up/down) MLP.
 GATED_MLP_TEXT_MODELS = ("llama", "mistral", "qwen2")
-# Vision towers with a CLS token and a bias-free patch convolution.
-CLS_VISION_MODELS = ("clip_vision_model",)
+# ViT towers with a bias-free patch convolution, and whether each has a CLS token.
+VISION_MODELS = {"clip_vision_model": True, "siglip_vision_model": False}
+# The image NeXT / OneVision budgets and tables refer to by default: a 640 x 480 photo, (H, W).
+REFERENCE_IMAGE_SIZE = (480, 640)
 
 # Table IV of the paper (LLaVA-1.5-7B, T = 58 text tokens, G = 64 generated tokens, pruning at layers [2, 8, 16, 24]):
 # budget (average vision tokens per layer) -> (TFLOPs, KV cache MB). 576 is stock LLaVA.
@@ -103,17 +106,20 @@ class LlavaDims:
     patch_size: int
     num_channels: int
     num_feature_layers: int
-    vision_tokens_per_image: int
+    vision_tokens_per_image: int  # placeholders one image (or video) takes in the LLM's sequence
+    has_cls: bool = True  # CLIP's class token (SigLIP has none)
+    crops_per_image: int = 1  # vision-tower passes per image: NeXT / OneVision crops with the base view, or frames
+    projector_tokens_per_image: int | None = None  # features projected per image; default vision_tokens_per_image
 
     @property
     def num_patches(self) -> int:
-        """Patches per image: `(image_size // patch_size) ** 2`."""
+        """Patches per crop: `(image_size // patch_size) ** 2`."""
         return (self.image_size // self.patch_size) ** 2
 
     @property
     def vision_sequence_length(self) -> int:
-        """Tokens each vision encoder layer runs on: the patches plus the CLS token."""
-        return self.num_patches + 1
+        """Tokens each vision encoder layer runs on: the patches, plus the CLS token where the tower has one."""
+        return self.num_patches + int(self.has_cls)
 
     @classmethod
     def from_config(cls, config: LlavaConfig) -> "LlavaDims":
@@ -129,17 +135,23 @@ class LlavaDims:
                 f"text_config.model_type {text.model_type!r} is not supported by the cost model: it describes "
                 f"decoders with q/k/v/o projections and a gated MLP ({', '.join(GATED_MLP_TEXT_MODELS)})."
             )
-        if vision.model_type not in CLS_VISION_MODELS:
+        if vision.model_type not in VISION_MODELS:
             raise ValueError(
                 f"vision_config.model_type {vision.model_type!r} is not supported by the cost model: it describes "
-                f"vision towers with a CLS token ({', '.join(CLS_VISION_MODELS)})."
+                f"ViT towers ({', '.join(VISION_MODELS)})."
             )
+        if getattr(vision, "vision_use_head", False):
+            raise ValueError(
+                "The cost model describes SigLIP towers without their pooling head (vision_use_head=False), as in "
+                "LLaVA-OneVision; this config has the head."
+            )
+        has_cls = VISION_MODELS[vision.model_type]
         num_patches = (vision.image_size // vision.patch_size) ** 2
         strategy = config.vision_feature_select_strategy
         if strategy == "default":  # the CLS token is dropped before the projector
             vision_tokens_per_image = num_patches
         elif strategy == "full":
-            vision_tokens_per_image = num_patches + 1
+            vision_tokens_per_image = num_patches + int(has_cls)
         else:
             raise ValueError(f"Unknown vision_feature_select_strategy {strategy!r}: expected 'default' or 'full'.")
         feature_layer = config.vision_feature_layer
@@ -160,7 +172,64 @@ class LlavaDims:
             num_channels=vision.num_channels,
             num_feature_layers=1 if isinstance(feature_layer, int) else len(feature_layer),
             vision_tokens_per_image=vision_tokens_per_image,
+            has_cls=has_cls,
         )
+
+    def for_input(
+        self, config: LlavaConfig, image_size: tuple[int, int] | None = None, video_frames: int | None = None
+    ):
+        """These dimensions for one input of a LLaVA-NeXT / OneVision model: an image of `image_size` (H, W) or a
+        video of `video_frames` frames (default: the 640 x 480 reference image). LLaVA-1.5 takes no input size."""
+        if config.model_type in ("llava", "adsc_llava"):
+            if image_size is not None or video_frames is not None:
+                raise ValueError("LLaVA-1.5 turns every image into the same tokens: give no image size, no frames.")
+            return self
+        if video_frames is not None:
+            tokens, passes, projected = (
+                video_tokens(config, video_frames),
+                video_frames,
+                video_frames * self.num_patches,
+            )
+        else:
+            height, width = image_size if image_size is not None else REFERENCE_IMAGE_SIZE
+            tokens, passes = anyres_image_tokens(config, height, width)
+            projected = passes * self.vision_tokens_per_image
+        return replace(
+            self, vision_tokens_per_image=tokens, crops_per_image=passes, projector_tokens_per_image=projected
+        )
+
+
+def anyres_image_tokens(config, height: int, width: int) -> tuple[int, int]:
+    """(placeholder tokens, vision-tower passes) of one `height` x `width` image under LLaVA-NeXT / OneVision.
+
+    The processors' count (transformers 5.24): the image's best grid of crops from `image_grid_pinpoints`, each crop
+    `p x p` patches; the stitched grid is unpadded back to the image's aspect ratio; every grid row ends in a newline
+    token; the base view's `p x p` tokens come first. OneVision (`anyres_max_N`) then shrinks a grid larger than
+    `1.1 x N` crops' worth (bilinear) before the newlines are added. The tower runs on every crop and the base view.
+    """
+    from transformers.image_processing_utils import select_best_resolution
+
+    vision = config.vision_config
+    crop, per_side = vision.image_size, vision.image_size // vision.patch_size
+    best_height, best_width = select_best_resolution([height, width], config.image_grid_pinpoints)
+    grid_height, grid_width = best_height // crop, best_width // crop
+    rows, columns = per_side * grid_height, per_side * grid_width
+    if width / height > columns / rows:
+        rows -= 2 * ((rows - int(round(height * (columns / width), 7))) // 2)
+    else:
+        columns -= 2 * ((columns - int(round(width * (rows / height), 7))) // 2)
+    aspect = getattr(config, "vision_aspect_ratio", None)
+    if aspect is not None:  # OneVision
+        ratio = math.sqrt(rows * columns / (int(aspect.removeprefix("anyres_max_")) * per_side**2))
+        if ratio > 1.1:
+            rows, columns = int(rows // ratio), int(columns // ratio)
+    return per_side * per_side + rows * columns + rows, grid_height * grid_width + 1
+
+
+def video_tokens(config, frames: int) -> int:
+    """Placeholder tokens of a OneVision video: each frame's grid pooled 2 x 2 (rounding up), then one newline."""
+    per_side = config.vision_config.image_size // config.vision_config.patch_size
+    return frames * math.ceil(per_side / 2) ** 2 + 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -194,13 +263,14 @@ def vision_layer_flops(dims: LlavaDims) -> int:
 
 
 def vision_tower_flops(dims: LlavaDims, num_images: int = 1) -> int:
-    """The whole vision tower (patch embedding + every encoder layer) on `num_images` images."""
-    return num_images * (patch_embedding_flops(dims) + dims.vision_num_layers * vision_layer_flops(dims))
+    """The whole vision tower (patch embedding + every encoder layer) on `num_images` images, every crop of each."""
+    per_crop = patch_embedding_flops(dims) + dims.vision_num_layers * vision_layer_flops(dims)
+    return num_images * dims.crops_per_image * per_crop
 
 
 def projector_flops(dims: LlavaDims, num_images: int = 1) -> int:
     """The multimodal projector (`linear_1`, GELU, `linear_2`) on the selected vision tokens of `num_images` images."""
-    tokens = num_images * dims.vision_tokens_per_image
+    tokens = num_images * (dims.projector_tokens_per_image or dims.vision_tokens_per_image)
     in_features = dims.vision_hidden_size * dims.num_feature_layers
     linear_1 = linear_flops(tokens, in_features, dims.hidden_size)
     return linear_1 + linear_flops(tokens, dims.hidden_size, dims.hidden_size)
@@ -264,13 +334,17 @@ def dtype_num_bytes(dtype: Any) -> int:
 
 
 def adsc_config(config: LlavaConfig) -> AdscLlavaConfig:
-    """`config` as an ADSC config, whose `with_budget` solves schedules (a stock config gets an empty one)."""
-    return config if isinstance(config, AdscLlavaConfig) else AdscLlavaConfig.from_llava_config(config)
+    """`config` as its family's ADSC config, whose `with_budget` solves schedules (a stock config: empty one)."""
+    from adsc_llava.families import adsc_config_for
+
+    return adsc_config_for(config)
 
 
-def config_schedule(config: LlavaConfig) -> list[int]:
-    """Vision tokens per image that each decoder layer sees under the config's own schedule (none for stock LLaVA)."""
-    return adsc_config(config).vision_tokens_per_layer(LlavaDims.from_config(config).vision_tokens_per_image)
+def config_schedule(config: LlavaConfig, dims: LlavaDims | None = None) -> list[int]:
+    """Vision tokens of one image (default: `dims` of the config) each decoder layer sees under the config's own
+    schedule (every token everywhere for a stock config)."""
+    dims = LlavaDims.from_config(config) if dims is None else dims
+    return adsc_config(config).vision_tokens_per_layer(dims.vision_tokens_per_image)
 
 
 def format_schedule(schedule: list[int]) -> str:
@@ -428,8 +502,10 @@ def estimate_cost(
     batch_size: int = 1,
     kv_dtype: Any = "float32",
     lm_head_positions: LmHeadPositions = "all",
+    image_size: tuple[int, int] | None = None,
+    video_frames: int | None = None,
 ) -> CostReport:
-    """FLOPs and KV-cache bytes of `generate(max_new_tokens=new_tokens)` with a (stock or ADSC) LLaVA model.
+    """FLOPs and KV-cache bytes of `generate(max_new_tokens=new_tokens)` with a (stock or ADSC) LLaVA-family model.
 
     Args:
         config: a `LlavaConfig` or `AdscLlavaConfig`; every dimension is read from it.
@@ -442,18 +518,20 @@ def estimate_cost(
         kv_dtype: dtype of the KV cache: a name (`"float32"`, `"bfloat16"`, ...), a `torch.dtype` or a byte count.
         lm_head_positions: `"all"` to run the lm_head on every prefill position (the paper's DeepSpeed count),
             `"last"` for one position per sequence (transformers' `generate`, `logits_to_keep=1`).
+        image_size: LLaVA-NeXT / OneVision: each image's `(height, width)` (default: the 640 x 480 reference).
+        video_frames: OneVision: each visual input is a video of this many frames instead.
 
     Returns:
         A `CostReport`.
     """
-    dims = LlavaDims.from_config(config)
+    dims = LlavaDims.from_config(config).for_input(config, image_size, video_frames)
     _check_count("prompt_tokens", prompt_tokens, 0)
     _check_count("new_tokens", new_tokens, 1)
     _check_count("num_images", num_images, 0)
     _check_count("batch_size", batch_size, 1)
     if lm_head_positions not in ("all", "last"):
         raise ValueError(f"lm_head_positions must be 'all' or 'last', got {lm_head_positions!r}.")
-    schedule = config_schedule(config) if schedule is None else _check_schedule(schedule, dims)
+    schedule = config_schedule(config, dims) if schedule is None else _check_schedule(schedule, dims)
     if prompt_tokens + num_images * dims.vision_tokens_per_image == 0:
         raise ValueError("The prompt is empty: give prompt_tokens > 0 or num_images > 0.")
 
@@ -492,16 +570,32 @@ def stock_and_adsc_costs(config: LlavaConfig, **estimate_kwargs: Any) -> tuple[C
 
     `estimate_kwargs` go to `estimate_cost` (prompt_tokens, new_tokens, kv_dtype, ...), except `schedule`.
     """
-    dims = LlavaDims.from_config(config)
+    image_size, video_frames = estimate_kwargs.get("image_size"), estimate_kwargs.get("video_frames")
+    dims = LlavaDims.from_config(config).for_input(config, image_size, video_frames)
     stock = estimate_cost(config, schedule=[dims.vision_tokens_per_image] * dims.num_layers, **estimate_kwargs)
     return stock, estimate_cost(config, **estimate_kwargs)
 
 
 def load_reference_config(name: str = "llava-1.5-7b") -> LlavaConfig:
-    """One of the shipped llava-hf configs (`"llava-1.5-7b"`, `"llava-1.5-13b"`), as on the hub, without a download."""
+    """One of the shipped llava-hf configs (LLaVA-1.5 7B / 13B, LLaVA-NeXT (v1.6 Vicuna) 7B, OneVision 7B), as on
+    the hub where it matters for cost, without a download."""
     if name not in REFERENCE_CONFIGS:
         raise ValueError(f"Unknown reference config {name!r}: expected one of {', '.join(REFERENCE_CONFIGS)}.")
-    return LlavaConfig.from_json_file(str(CONFIGS_DIR / f"{name}.json"))
+    return read_config_file(CONFIGS_DIR / f"{name}.json")
+
+
+def read_config_file(path: Path):
+    """The config in a `config.json` of any supported family, stock or ADSC, by its `model_type`."""
+    from adsc_llava.families import family_of
+
+    with open(path, encoding="utf-8") as file:
+        model_type = json.load(file).get("model_type")
+    try:
+        family = family_of(model_type)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+    config_class = family.config_class if model_type == family.adsc_type else family.stock_config_class
+    return config_class.from_json_file(str(path))
 
 
 def load_config(name_or_path: str | Path) -> LlavaConfig:
@@ -519,12 +613,7 @@ def load_config(name_or_path: str | Path) -> LlavaConfig:
             f"No config at {str(name_or_path)!r}: give one of {', '.join(REFERENCE_CONFIGS)}, a config.json or a "
             "checkpoint folder holding one."
         )
-    with open(path, encoding="utf-8") as file:
-        model_type = json.load(file).get("model_type")
-    config_classes = {"llava": LlavaConfig, "adsc_llava": AdscLlavaConfig}
-    if model_type not in config_classes:
-        raise ValueError(f"{path} has model_type {model_type!r}; expected one of {', '.join(config_classes)}.")
-    return config_classes[model_type].from_json_file(str(path))
+    return read_config_file(path)
 
 
 __all__ = [

@@ -36,6 +36,7 @@ from adsc_llava.cost import (
     format_schedule,
     load_config,
     load_reference_config,
+    stock_and_adsc_costs,
 )
 
 
@@ -53,9 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--budgets",
         type=float,
         nargs="+",
-        default=[192, 128, 64],
-        help="Average vision tokens per layer to solve r for; stock LLaVA is always the first row.",
+        default=None,
+        help="Average vision tokens per layer to solve r for; stock is always the first row. Default: 192 128 64 "
+        "for LLaVA-1.5, a third, 2/9 and 1/9 of the reference image's tokens for NeXT / OneVision.",
     )
+    parser.add_argument(
+        "--image-size",
+        type=image_size_arg,
+        default=None,
+        help="NeXT / OneVision: the images' size as HxW, e.g. 480x640 (default: the 640 x 480 reference image).",
+    )
+    parser.add_argument("--video-frames", type=int, default=None, help="OneVision: a video of N frames instead.")
     parser.add_argument("--prompt-tokens", type=int, default=PAPER_PROMPT_TOKENS, help="Text tokens per prompt (T).")
     parser.add_argument("--new-tokens", type=int, default=PAPER_NEW_TOKENS, help="Generated tokens (G).")
     parser.add_argument(
@@ -89,6 +98,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def image_size_arg(text: str) -> tuple[int, int]:
+    """`"480x640"` -> `(480, 640)`: height x width."""
+    try:
+        height, width = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH such as 480x640, got {text!r}") from None
+    if height <= 0 or width <= 0:
+        raise argparse.ArgumentTypeError(f"image sides must be positive, got {text!r}")
+    return height, width
+
+
+# Inputs the anyres table compares (H, W) and, for OneVision, videos by frame count.
+TYPICAL_IMAGE_SIZES = ((336, 336), (480, 640), (768, 1024), (1080, 1920))
+TYPICAL_VIDEO_FRAMES = (8, 16, 32)
+
+
+def typical_inputs_table(config, drop_ratio: float, pruning_layers: list[int], args) -> str:
+    """Stock vs ADSC at one drop ratio for typical image sizes (and, for OneVision, videos): the savings by input."""
+    solved = adsc_config(config).with_budget(None)
+    solved.update({"adsc_pruning_layers": pruning_layers, "adsc_drop_ratio": drop_ratio})
+    inputs = [(f"{height}x{width} image", {"image_size": (height, width)}) for height, width in TYPICAL_IMAGE_SIZES]
+    if getattr(config, "video_token_id", None) is not None:
+        inputs += [(f"{frames}-frame video", {"video_frames": frames}) for frames in TYPICAL_VIDEO_FRAMES]
+    header = ["input", "vision tokens", "avg per layer", "TFLOPs stock", "TFLOPs ADSC", "x stock", "KV MB stock"]
+    lines = ["| " + " | ".join(header + ["KV MB ADSC", "x stock"]) + " |", "|" + "---|" * (len(header) + 2)]
+    for label, visual in inputs:
+        stock, adsc = stock_and_adsc_costs(
+            solved, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, kv_dtype=args.kv_dtype, **visual
+        )
+        cells = [label, str(stock.vision_tokens_per_layer[0]), f"{adsc.average_vision_tokens:.0f}"]
+        cells += [f"{stock.tflops:.2f}", f"{adsc.tflops:.2f}", f"{adsc.total_flops / stock.total_flops:.3f}"]
+        cells += [
+            f"{stock.kv_megabytes:.1f}",
+            f"{adsc.kv_megabytes:.1f}",
+            f"{adsc.kv_cache_bytes / stock.kv_cache_bytes:.3f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def benchmark_argv(args: argparse.Namespace) -> list[str]:
     """The `adsc-llava bench` arguments that measure what this table computes, as far as the device allows."""
     argv = ["--device", args.measure, "--budgets", *[f"{budget:g}" for budget in args.budgets]]
@@ -105,7 +154,8 @@ def paper_applies(config, args: argparse.Namespace, pruning_layers: list[int]) -
     """Whether the run matches the paper's Table IV setting, so that its figures can be printed alongside."""
     reference = LlavaDims.from_config(load_reference_config(PAPER_REFERENCE_CONFIG))
     return (
-        LlavaDims.from_config(config) == reference
+        config.model_type in ("llava", "adsc_llava")
+        and LlavaDims.from_config(config) == reference
         and args.prompt_tokens == PAPER_PROMPT_TOKENS
         and args.new_tokens == PAPER_NEW_TOKENS
         and pruning_layers == PAPER_PRUNING_LAYERS
@@ -239,7 +289,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
-        dims = LlavaDims.from_config(config)
+        dims = LlavaDims.from_config(config).for_input(config, args.image_size, args.video_frames)
+        reference = adsc_config(config).reference_vision_tokens
+        anyres = dims.vision_tokens_per_image != LlavaDims.from_config(config).vision_tokens_per_image or (
+            config.model_type not in ("llava", "adsc_llava")
+        )
+        if args.budgets is None:
+            args.budgets = [192, 128, 64] if not anyres else [round(reference * f, 1) for f in (1 / 3, 2 / 9, 1 / 9)]
         kv_dtype_bytes = dtype_num_bytes(args.kv_dtype)
         pruning_layers = args.pruning_layers
         if pruning_layers is None:
@@ -258,13 +314,15 @@ def main(argv: list[str] | None = None) -> int:
                 batch_size=args.batch_size,
                 kv_dtype=kv_dtype_bytes,
                 lm_head_positions=args.lm_head_positions,
+                image_size=args.image_size,
+                video_frames=args.video_frames,
             )
 
         stock_budget = dims.vision_tokens_per_image
         rows = [(float(stock_budget), 0.0, report_for([stock_budget] * dims.num_layers))]
         for budget in args.budgets:
             solved = adsc_config(config).with_budget(budget, pruning_layers)
-            rows.append((budget, solved.adsc_drop_ratio, report_for(config_schedule(solved))))
+            rows.append((budget, solved.adsc_drop_ratio, report_for(config_schedule(solved, dims))))
     except ValueError as error:
         parser.error(str(error))
 
@@ -288,6 +346,13 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(paper_savings_note(rows)))
         if show_paper_kv:
             print("\n".join(paper_kv_note(rows)))
+    if anyres:
+        print(
+            f"\nBudgets refer to the reference image of {reference} tokens (640 x 480); the rows above are for "
+            f"{dims.vision_tokens_per_image} tokens per input. The same schedule (r = {rows[1][1]:.4g}) on typical "
+            "inputs:\n"
+        )
+        print(typical_inputs_table(config, rows[1][1], pruning_layers, args))
     if args.plot is not None:
         write_plot(rows, paper, args.plot, f"{args.config}: T={args.prompt_tokens}, G={args.new_tokens}")
         print(f"\nplot written to {args.plot}")

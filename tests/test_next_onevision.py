@@ -54,7 +54,7 @@ def next_config() -> LlavaNextConfig:
 
 def onevision_config() -> LlavaOnevisionConfig:
     return LlavaOnevisionConfig(
-        vision_config=SiglipVisionConfig(**VISION).to_dict(),
+        vision_config=SiglipVisionConfig(**VISION, vision_use_head=False).to_dict(),  # as in llava-hf's
         text_config=Qwen2Config(**TEXT).to_dict(),
         image_token_index=IMAGE_ID,
         video_token_index=VIDEO_ID,

@@ -140,7 +140,9 @@ def typical_inputs_table(config, drop_ratio: float, pruning_layers: list[int], a
 
 def benchmark_argv(args: argparse.Namespace) -> list[str]:
     """The `adsc-llava bench` arguments that measure what this table computes, as far as the device allows."""
-    argv = ["--device", args.measure, "--budgets", *[f"{budget:g}" for budget in args.budgets]]
+    argv = ["--device", args.measure]
+    if args.budgets is not None:  # else the benchmark's own default for its model
+        argv += ["--budgets", *[f"{budget:g}" for budget in args.budgets]]
     argv += ["--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
     argv += ["--num-images", str(args.num_images), "--batch-sizes", str(args.batch_size)]
     if args.measure == "cuda":

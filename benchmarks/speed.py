@@ -57,7 +57,7 @@ from tqdm.auto import tqdm
 from transformers import LlavaConfig
 
 from adsc_llava.benchmarks.generation import GenerationTiming, greedy_generate, peak_memory_bytes
-from adsc_llava.benchmarks.models import PRESETS, benchmark_config, build_models, make_inputs
+from adsc_llava.benchmarks.models import PRESET_INPUTS, PRESETS, benchmark_config, build_models, make_inputs
 from adsc_llava.benchmarks.pruning_step import measure_pruning_step
 from adsc_llava.benchmarks.report import (
     BenchmarkRow,
@@ -93,17 +93,19 @@ class BenchmarkSettings:
     warmup: int
     vision_tower: bool
     seed: int
+    visual_input: dict  # {"image_size": (H, W)} or {"video_frames": N} for the anyres presets, else {}
 
 
-def benchmark_variants(config: LlavaConfig, budgets: list[float], pruning_layers: list[int]) -> list[Variant]:
-    """Stock LLaVA first, then ADSC at each budget (`r` solved by `AdscLlavaConfig.with_budget`)."""
-    dims = LlavaDims.from_config(config)
+def benchmark_variants(
+    config: LlavaConfig, budgets: list[float], pruning_layers: list[int], visual_input: dict | None = None
+) -> list[Variant]:
+    """Stock first, then ADSC at each budget (`r` solved by `with_budget`), with the schedules of `visual_input`."""
+    dims = LlavaDims.from_config(config).for_input(config, **(visual_input or {}))
     variants = [Variant("stock", None, 0.0, [], [dims.vision_tokens_per_image] * dims.num_layers)]
     for budget in budgets:
         solved = adsc_config(config).with_budget(budget, pruning_layers)
-        variants.append(
-            Variant(f"ADSC {budget:g}", budget, solved.adsc_drop_ratio, list(pruning_layers), config_schedule(solved))
-        )
+        schedule = config_schedule(solved, dims)
+        variants.append(Variant(f"ADSC {budget:g}", budget, solved.adsc_drop_ratio, list(pruning_layers), schedule))
     return variants
 
 
@@ -124,7 +126,7 @@ def variant_model(variant: Variant, stock, adsc) -> Iterator:
 def run_benchmark(settings: BenchmarkSettings, progress: bool = True) -> list[BenchmarkRow]:
     """Run every variant at every batch size; see the module docstring for what is measured and how."""
     config = benchmark_config(settings.config_name)
-    variants = benchmark_variants(config, settings.budgets, settings.pruning_layers)
+    variants = benchmark_variants(config, settings.budgets, settings.pruning_layers, settings.visual_input)
     stock, adsc = build_models(config, settings.device, settings.dtype, settings.attn_implementation, settings.seed)
     rounds = settings.warmup + settings.repeats
     steps_per_batch = rounds * len(variants) + 2 * len(variants) - 1  # timed rounds, memory runs, pruning timers
@@ -142,6 +144,7 @@ def run_benchmark(settings: BenchmarkSettings, progress: bool = True) -> list[Be
                 device=settings.device,
                 dtype=settings.dtype,
                 vision_tower=settings.vision_tower,
+                visual_input=settings.visual_input,
                 seed=settings.seed,
             )
             timings: dict[str, list[GenerationTiming]] = {variant.label: [] for variant in variants}
@@ -174,6 +177,7 @@ def run_benchmark(settings: BenchmarkSettings, progress: bool = True) -> list[Be
                         batch_size=batch_size,
                         kv_dtype=settings.dtype,
                         lm_head_positions="last",  # the prefill keeps the last logits, as generate does
+                        **settings.visual_input,
                     ),
                     prefill_seconds=statistics.median(t.prefill_seconds for t in timings[variant.label]),
                     decode_seconds_per_token=statistics.median(
@@ -206,7 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="Default: float32 on CPU, else bf16.")
     parser.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa", help="Attention implementation.")
-    parser.add_argument("--budgets", type=float, nargs="+", default=[192, 128, 64], help="ADSC budgets to compare.")
+    parser.add_argument(
+        "--budgets",
+        type=float,
+        nargs="+",
+        default=None,
+        help="ADSC budgets to compare. Default: 192 128 64 (of 576), or for the NeXT / OneVision presets a third, "
+        "2/9 and 1/9 of the reference image's tokens.",
+    )
     parser.add_argument(
         "--pruning-layers",
         type=int,
@@ -255,15 +266,20 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
     batch_sizes = args.batch_sizes or ([1, 8] if on_gpu else [1])
     if min(batch_sizes) < 1:
         parser.error(f"--batch-sizes must be >= 1, got {batch_sizes}.")
-    if not args.budgets:
-        parser.error("--budgets needs at least one budget.")
     config_name = args.config or ("llava-1.5-7b" if on_gpu else "cpu")
+    visual_input = PRESET_INPUTS.get(config_name, {})
     try:
         config = benchmark_config(config_name)
+        if args.budgets is None:
+            reference = adsc_config(config).reference_vision_tokens
+            args.budgets = [round(reference * fraction, 1) for fraction in (1 / 3, 2 / 9, 1 / 9)]
+            args.budgets = [192.0, 128.0, 64.0] if reference == 576 else args.budgets
         num_layers = LlavaDims.from_config(config).num_layers
         pruning_layers = args.pruning_layers or default_pruning_layers(num_layers)
         validate_schedule(num_layers, pruning_layers, 0.0)
-        benchmark_variants(config, args.budgets, pruning_layers)  # unreachable budgets fail here, before any work
+        if not args.budgets:
+            parser.error("--budgets needs at least one budget.")
+        benchmark_variants(config, args.budgets, pruning_layers, visual_input)  # unreachable budgets fail here
     except ValueError as error:
         parser.error(str(error))
     return BenchmarkSettings(
@@ -281,6 +297,7 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
         warmup=args.warmup,
         vision_tower=args.vision_tower,
         seed=args.seed,
+        visual_input=visual_input,
     )
 
 
@@ -297,14 +314,16 @@ def main(argv: list[str] | None = None) -> int:
     rows = run_benchmark(settings, progress=not args.no_progress)
     elapsed = time.perf_counter() - started
 
-    dims = LlavaDims.from_config(benchmark_config(settings.config_name))
+    config = benchmark_config(settings.config_name)
+    dims = LlavaDims.from_config(config).for_input(config, **settings.visual_input)
     weight_bytes = rows[0].decode_weight_bytes
     vision_tower = "timed" if settings.vision_tower else "not run (features fed)"
     print(f"machine: {describe_machine(settings.device, load_at_start)}")
     print(
         f"model: {settings.config_name} with random weights, {dims.num_layers} layers, hidden {dims.hidden_size}, "
         f"{dims.num_attention_heads} heads ({dims.num_key_value_heads} KV), intermediate {dims.intermediate_size}, "
-        f"vocab {dims.vocab_size}, {dims.vision_tokens_per_image} vision tokens per image | {settings.dtype}, "
+        f"vocab {dims.vocab_size}, {dims.vision_tokens_per_image} vision tokens per input "
+        f"{settings.visual_input or ''} | {settings.dtype}, "
         f"{settings.attn_implementation} attention, device {settings.device}"
     )
     print(

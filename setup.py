@@ -59,7 +59,10 @@ setup(
     package_dir=SUBPACKAGE_FOLDERS,
     package_data={"adsc_llava": ["configs/*.json"], "adsc_llava.train": ["*.json"]},
     cmdclass={"build_py": BuildPyWithShippedFiles},
-    entry_points={"console_scripts": ["adsc-llava = adsc_llava.cli:main"]},
+    entry_points={
+        "console_scripts": ["adsc-llava = adsc_llava.cli:main"],
+        "lmms_eval.models": ["adsc_llava = adsc_llava.lmms_eval_plugin:MANIFEST"],
+    },
     install_requires=[
         "torch>=2.4",
         f"transformers>={MIN_TRANSFORMERS},<6",
@@ -74,6 +77,8 @@ setup(
         "plot": ["matplotlib"],
         "serve": SERVE_REQUIREMENTS,
         "test": ["pytest", "hypothesis", "ruff", "matplotlib", "parameterized", "deepspeed", *SERVE_REQUIREMENTS],
+        # lmms-eval imports filelock._api, which filelock 4.3 removed; build with eval/lmms_eval_env.sh.
+        "eval": ["lmms-eval==0.7.3", "filelock<4.3"],
         "flash": ["flash-attn"],
         "deepspeed": ["deepspeed"],
     },

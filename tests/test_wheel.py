@@ -37,9 +37,9 @@ SHIPPED_FILES = setup_constant("SHIPPED_FILES")
 # Top-level names that the old layout installed or a source checkout exposes; the wheel must install none of them.
 FOREIGN_TOP_LEVEL = ("train", "benchmarks", "shapes_demo", "examples", "configuration_adsc_llava",
                      "modeling_adsc_llava")  # fmt: skip
-# What the clean copy of the repository leaves out (.gitignore, plus the repository's own metadata).
-NOT_COPIED = (".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "*.pyc", ".pytest_cache", ".ruff_cache",
-              ".hypothesis", "out", "runs", ".cache", ".whl", "*.safetensors", "*.bin", "*.pt")  # fmt: skip
+# What the clean copy of the repository leaves out: what git ignores, and git's own metadata.
+NOT_COPIED = (".git", *(line.strip().rstrip("/") for line in (REPO_ROOT / ".gitignore").read_text().splitlines()
+                        if line.strip() and not line.startswith("#")))  # fmt: skip
 # pip output meaning that no package index could be reached (the only reason to skip).
 NO_INDEX = re.compile(
     r"NewConnectionError|Could not fetch URL|Temporary failure in name resolution|Network is unreachable|"

@@ -1,0 +1,243 @@
+"""The lmms-eval plugin: `lmms-eval --model adsc_llava` evaluates a tiny ADSC checkpoint on a tiny offline task.
+
+lmms-eval cannot share the project's environment (it requires torchvision, whose PyPI wheel is a CUDA build), so the
+test builds its own with `eval/lmms_eval_env.sh` into `.venv-lmms-eval` (about 80 s, once per clone). lmms-eval exits
+0 even when an evaluation fails, so it runs with `--verbosity DEBUG` (which re-raises) and the test reads the results
+and samples files. Its answers must equal an independent batched `generate()` on the same checkpoint in the same
+environment, with the checkpoint's schedule and with a budget given on the command line.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from adsc_llava import AdscLlavaConfig, AdscLlavaForConditionalGeneration
+from adsc_llava.testing import PROMPT_WORDS, SPECIAL_TOKENS, build_tiny_processor, tiny_llava_config_for
+
+REPO = Path(__file__).resolve().parents[1]
+EVAL_VENV = REPO / ".venv-lmms-eval"
+EVAL_PYTHON = EVAL_VENV / "bin" / "python"
+BUILD_TIMEOUT_S = 900
+RUN_TIMEOUT_S = 300
+NEW_TOKENS = 4
+BATCH_SIZE = 2
+# Prompts of different lengths, so a batch is padded; images of different colors, so answers can differ.
+DOCS = [
+    {"question": "what is in the image ?", "color": "red"},
+    {"question": "how many shape ?", "color": "blue"},
+    {"question": "what color is the background of this picture ?", "color": "green"},
+]
+
+TASK_YAML = """\
+task: tiny_vqa
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data_file}
+test_split: test
+output_type: generate_until
+doc_to_visual: !function utils.doc_to_visual
+doc_to_text: question
+doc_to_target: answer
+generation_kwargs:
+  max_new_tokens: {new_tokens}
+  temperature: 0
+process_results: !function utils.process_results
+metric_list:
+  - metric: exact_answer
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  - version: 0.0
+"""
+
+TASK_UTILS = """\
+from PIL import Image
+
+
+def doc_to_visual(doc):
+    return [Image.open(doc["image_path"]).convert("RGB")]
+
+
+def process_results(doc, results):
+    return {"exact_answer": float(results[0].strip() == doc["answer"])}
+"""
+
+# Runs in the lmms-eval environment without the plugin: what a user's own batched generate() answers.
+REFERENCE_SCRIPT = """\
+import json, sys
+import torch
+from PIL import Image
+from transformers import AutoModel, AutoProcessor
+
+checkpoint, docs_file, budget, batch_size, new_tokens = sys.argv[1:]
+docs = [json.loads(line) for line in open(docs_file)]
+model = AutoModel.from_pretrained(checkpoint, trust_remote_code=True, dtype=torch.bfloat16).eval()
+if budget != "none":
+    model.config.update(model.config.with_budget(float(budget)).schedule)
+processor = AutoProcessor.from_pretrained(checkpoint, trust_remote_code=True)
+processor.tokenizer.padding_side = "left"
+answers = []
+for start in range(0, len(docs), int(batch_size)):
+    batch = docs[start : start + int(batch_size)]
+    texts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": doc["question"]}]}],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        for doc in batch
+    ]
+    images = [Image.open(doc["image_path"]).convert("RGB") for doc in batch]
+    inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=int(new_tokens), do_sample=False)
+    new = output[:, inputs["input_ids"].shape[1] :]
+    answers += processor.batch_decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+print(json.dumps({"answers": answers, "schedule": model.config.schedule}))
+"""
+
+# Runs in the lmms-eval environment: the plugin's model class as lmms-eval builds it.
+PLUGIN_SCRIPT = """\
+import json, sys
+from lmms_eval.models import get_model
+
+checkpoint, budget = sys.argv[1:]
+model_class = get_model("adsc_llava", force_simple=False)
+kwargs = {} if budget == "none" else {"budget": float(budget)}
+lmm = model_class(pretrained=checkpoint, device="cpu", batch_size=1, max_batch_size=None, **kwargs)
+print(json.dumps({"schedule": lmm.model.config.schedule, "padding_side": lmm.processor.tokenizer.padding_side}))
+"""
+
+
+def eval_environment_ready() -> bool:
+    if not EVAL_PYTHON.exists():
+        return False
+    probe = subprocess.run(
+        [str(EVAL_PYTHON), "-c", "import lmms_eval.models, adsc_llava.lmms_eval_plugin"],
+        capture_output=True,
+        timeout=RUN_TIMEOUT_S,
+    )
+    return probe.returncode == 0
+
+
+@pytest.fixture(scope="module")
+def eval_python() -> Path:
+    if not eval_environment_ready():
+        build = subprocess.run(
+            ["bash", str(REPO / "eval" / "lmms_eval_env.sh"), str(EVAL_VENV)],
+            capture_output=True,
+            text=True,
+            timeout=BUILD_TIMEOUT_S,
+        )
+        assert build.returncode == 0, f"eval/lmms_eval_env.sh failed:\n{build.stdout[-3000:]}\n{build.stderr[-3000:]}"
+    return EVAL_PYTHON
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A tiny pruned ADSC checkpoint whose greedy answers are plain words."""
+    folder = tmp_path_factory.mktemp("lmms-eval") / "tiny-adsc"
+    processor = build_tiny_processor()
+    config = AdscLlavaConfig.from_llava_config(tiny_llava_config_for(processor), pruning_layers=[1, 2], drop_ratio=0.5)
+    torch.manual_seed(0)
+    model = AdscLlavaForConditionalGeneration(config).eval()
+    generation = model.generation_config
+    generation.min_new_tokens = NEW_TOKENS
+    generation.suppress_tokens = processor.tokenizer.convert_tokens_to_ids([*SPECIAL_TOKENS, *PROMPT_WORDS])
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def run_in(python: Path, script: str, *args: str, env: dict | None = None) -> dict:
+    result = subprocess.run(
+        [str(python), "-c", script, *args], capture_output=True, text=True, timeout=RUN_TIMEOUT_S, env=env
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def write_task(folder: Path, answers: list[str]) -> Path:
+    """A three-question task whose first target is `answers[0]` and the others are not their answers."""
+    folder.mkdir()
+    docs = []
+    for index, doc in enumerate(DOCS):
+        image_path = folder / f"image{index}.png"
+        Image.new("RGB", (40, 30 + 10 * index), doc["color"]).save(image_path)
+        answer = answers[index] if index == 0 else "no answer"
+        docs.append({"question": doc["question"], "image_path": str(image_path), "answer": answer})
+    data_file = folder / "test.jsonl"
+    data_file.write_text("".join(json.dumps(doc) + "\n" for doc in docs))
+    task_folder = folder / "tasks" / "tiny_vqa"
+    task_folder.mkdir(parents=True)
+    (task_folder / "tiny_vqa.yaml").write_text(TASK_YAML.format(data_file=data_file, new_tokens=NEW_TOKENS))
+    (task_folder / "utils.py").write_text(TASK_UTILS)
+    return data_file
+
+
+def offline_env(home: Path) -> dict:
+    return {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+@pytest.mark.parametrize("budget", ["none", "6"])
+def test_lmms_eval_answers_equal_a_direct_batched_generate(eval_python, checkpoint, tmp_path, budget):
+    # The data file is written twice: first to get the reference answers, then with the first one as a target.
+    probe_docs = tmp_path / "probe"
+    data_file = write_task(probe_docs, ["?"] * len(DOCS))
+    env = offline_env(tmp_path / "hf")
+    reference = run_in(eval_python, REFERENCE_SCRIPT, str(checkpoint), str(data_file), budget, str(BATCH_SIZE),
+                       str(NEW_TOKENS), env=env)  # fmt: skip
+    assert all(answer.strip() for answer in reference["answers"])
+    task_root = tmp_path / "task"
+    write_task(task_root, reference["answers"])
+
+    model_args = f"pretrained={checkpoint}" + ("" if budget == "none" else f",budget={budget}")
+    output_path = tmp_path / "results"
+    command = [
+        str(eval_python.parent / "lmms-eval"), "--model", "adsc_llava", "--model_args", model_args,
+        "--tasks", "tiny_vqa", "--include_path", str(task_root / "tasks"), "--output_path", str(output_path),
+        "--batch_size", str(BATCH_SIZE), "--device", "cpu", "--log_samples", "--verbosity", "DEBUG",
+    ]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, env=env)
+    assert run.returncode == 0, run.stderr[-4000:]
+
+    results_files = list(output_path.glob("**/*_results.json"))
+    samples_files = list(output_path.glob("**/*_samples_tiny_vqa.jsonl"))
+    assert len(results_files) == 1 and len(samples_files) == 1, (results_files, samples_files, run.stderr[-2000:])
+    samples = sorted(
+        (json.loads(line) for line in samples_files[0].read_text().splitlines()), key=lambda s: s["doc_id"]
+    )
+    responses = [sample["filtered_resps"] for sample in samples]
+    assert responses == reference["answers"]
+    metrics = json.loads(results_files[0].read_text())["results"]["tiny_vqa"]
+    expected = sum(
+        response.strip() == sample["target"] for response, sample in zip(responses, samples, strict=True)
+    ) / len(DOCS)
+    assert expected >= 1 / len(DOCS)
+    assert metrics["exact_answer,none"] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("budget", ["none", "6"])
+def test_plugin_loads_the_schedule_and_pads_left(eval_python, checkpoint, budget):
+    loaded = run_in(eval_python, PLUGIN_SCRIPT, str(checkpoint), budget)
+    config = AdscLlavaConfig.from_pretrained(checkpoint)
+    expected = config.schedule if budget == "none" else config.with_budget(float(budget)).schedule
+    assert loaded["schedule"] == expected
+    assert expected["adsc_drop_ratio"] != 0.5 or budget == "none"
+    assert loaded["padding_side"] == "left"
+
+
+def test_the_project_itself_does_not_import_lmms_eval():
+    probe = subprocess.run(
+        [sys.executable, "-c", "import adsc_llava, adsc_llava.cli, sys; assert 'lmms_eval' not in sys.modules"],
+        capture_output=True,
+        text=True,
+    )
+    assert probe.returncode == 0, probe.stderr

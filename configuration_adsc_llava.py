@@ -3,10 +3,12 @@
 This file is shipped inside every ADSC checkpoint (remote code), so it imports only `torch`-free standard modules
 and `transformers`.
 
-The pruning schedule is two numbers' worth of state:
+The pruning schedule:
 
 - `adsc_pruning_layers`: 0-based indices of the decoder layers at whose *input* vision tokens are downsampled;
-- `adsc_drop_ratio` (`r`): at each of those layers every image keeps `floor((1 - r) * n)` of its `n` alive tokens.
+- `adsc_drop_ratio` (`r`): at each of those layers every image keeps `floor((1 - r) * n)` of its `n` alive tokens;
+- `adsc_keep_policy`: which ones. ADSC's "uniform" (fixed, evenly spaced positions) or, as baselines with the same
+  counts, "fastv" and "pyramiddrop" (the most attended tokens; see `KEEP_POLICIES`).
 
 The paper's "budget" is the mean, over all decoder layers, of the vision tokens (per image) that each layer sees.
 """
@@ -49,6 +51,14 @@ ADSC_AUTO_MAP = {
     "AutoModel": "modeling_adsc_llava.AdscLlavaForConditionalGeneration",
     "AutoModelForImageTextToText": "modeling_adsc_llava.AdscLlavaForConditionalGeneration",
 }
+
+
+# How each policy picks the `floor((1 - r) * n)` vision tokens an image keeps at a pruning layer `l`:
+# - "uniform" (ADSC): the centres of equal bins, `uniform_keep_indices(n, k)`; no attention scores;
+# - "fastv": the top k by the attention they receive from the prompt's last token in layer `l - 1` (FastV);
+# - "pyramiddrop": the top k by the attention the prompt's last token would give them in layer `l` (PyramidDrop).
+# Scores are softmax probabilities over the forward's tokens, averaged over heads; ties keep the earlier token.
+KEEP_POLICIES = ("uniform", "fastv", "pyramiddrop")
 
 
 def num_kept_tokens(num_tokens: int, drop_ratio: float) -> int:
@@ -140,8 +150,12 @@ def solve_drop_ratio(num_layers: int, pruning_layers: list[int], num_vision_toke
     return hi
 
 
-def validate_schedule(num_layers: int, pruning_layers: list[int], drop_ratio: float) -> None:
+def validate_schedule(
+    num_layers: int, pruning_layers: list[int], drop_ratio: float, keep_policy: str = "uniform"
+) -> None:
     """Raise a `ValueError` naming the bad value and its limit if the schedule is not well formed."""
+    if keep_policy not in KEEP_POLICIES:
+        raise ValueError(f"adsc_keep_policy must be one of {KEEP_POLICIES}, got {keep_policy!r}.")
     if not 0.0 <= drop_ratio < 1.0:
         raise ValueError(f"adsc_drop_ratio must be in [0, 1), got {drop_ratio}.")
     for layer in pruning_layers:
@@ -177,7 +191,9 @@ class AdscScheduleMixin:
         # Entries already present (e.g. `repo--module.Class` refs of a config loaded from the hub) win.
         self.auto_map = {**self.AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
         # Checked here rather than in a `@strict` validator so that users get the plain `ValueError` they catch.
-        validate_schedule(self.text_config.num_hidden_layers, self.adsc_pruning_layers, self.adsc_drop_ratio)
+        validate_schedule(
+            self.text_config.num_hidden_layers, self.adsc_pruning_layers, self.adsc_drop_ratio, self.adsc_keep_policy
+        )
 
     @property
     def reference_vision_tokens(self) -> int:
@@ -199,11 +215,15 @@ class AdscScheduleMixin:
 
     @property
     def schedule(self) -> dict:
-        """The pruning schedule as config keys: `{"adsc_pruning_layers": [...], "adsc_drop_ratio": r}`.
+        """The pruning schedule as config keys: `adsc_pruning_layers`, `adsc_drop_ratio` and `adsc_keep_policy`.
 
         `model.config.update(other.schedule)` switches a loaded model to another config's schedule.
         """
-        return {"adsc_pruning_layers": list(self.adsc_pruning_layers), "adsc_drop_ratio": self.adsc_drop_ratio}
+        return {
+            "adsc_pruning_layers": list(self.adsc_pruning_layers),
+            "adsc_drop_ratio": self.adsc_drop_ratio,
+            "adsc_keep_policy": self.adsc_keep_policy,
+        }
 
     def with_budget(
         self, budget: float | None, pruning_layers: list[int] | None = None, *, fraction: float | None = None
@@ -255,6 +275,7 @@ class AdscScheduleMixin:
         pruning_layers: list[int] | None = None,
         drop_ratio: float | None = None,
         budget: float | None = None,
+        keep_policy: str = "uniform",
     ):
         """Build an ADSC config from a stock config of the family and a schedule.
 
@@ -263,20 +284,23 @@ class AdscScheduleMixin:
             pruning_layers: the pruning layers; defaults to the paper's `[2, 8, 16, 24]` scaled to the depth.
             drop_ratio: the drop ratio `r`. Give this or `budget`, not both; neither means no pruning.
             budget: target average vision tokens per layer (e.g. 192 of 576), solved by `with_budget`.
+            keep_policy: which tokens each image keeps (`KEEP_POLICIES`); the counts do not depend on it.
         """
         if drop_ratio is not None and budget is not None:
             raise ValueError("Give either drop_ratio or budget, not both.")
         config_dict = stock_config.to_dict()
         for key in REMOTE_CODE_KEYS:
             config_dict.pop(key, None)
-        config_dict.update(adsc_pruning_layers=[], adsc_drop_ratio=0.0)
+        config_dict.update(adsc_pruning_layers=[], adsc_drop_ratio=0.0, adsc_keep_policy=keep_policy)
         config = cls(**config_dict)
         if budget is not None:
             return config.with_budget(budget, pruning_layers)
         if pruning_layers is None:
             pruning_layers = default_pruning_layers(config.text_config.num_hidden_layers) if drop_ratio else []
         config.update({"adsc_pruning_layers": list(pruning_layers), "adsc_drop_ratio": float(drop_ratio or 0.0)})
-        validate_schedule(config.text_config.num_hidden_layers, config.adsc_pruning_layers, config.adsc_drop_ratio)
+        validate_schedule(
+            config.text_config.num_hidden_layers, config.adsc_pruning_layers, config.adsc_drop_ratio, keep_policy
+        )
         return config
 
 
@@ -291,7 +315,10 @@ class AdscLlavaConfig(AdscScheduleMixin, LlavaConfig):
             increasing, each in `[1, text_config.num_hidden_layers)`. Empty means no pruning (stock LLaVA).
         adsc_drop_ratio (`float`, *optional*, defaults to 0.0):
             The drop ratio `r` in `[0, 1)`: at each pruning layer every image keeps `floor((1 - r) * n)` of the `n`
-            vision tokens it still has, at the positions given by `uniform_keep_indices`.
+            vision tokens it still has.
+        adsc_keep_policy (`str`, *optional*, defaults to `"uniform"`):
+            Which tokens: `"uniform"` (ADSC: the positions `uniform_keep_indices` gives), or the baselines
+            `"fastv"` / `"pyramiddrop"` (the most attended ones; `KEEP_POLICIES` says how each scores them).
 
     Example:
 
@@ -310,6 +337,7 @@ class AdscLlavaConfig(AdscScheduleMixin, LlavaConfig):
 
     adsc_pruning_layers: list[int] | None = None
     adsc_drop_ratio: float | int = 0.0
+    adsc_keep_policy: str = "uniform"
 
     def to_llava_config(self) -> LlavaConfig:
         """The stock `LlavaConfig` of the same model: every field but the schedule and the remote-code keys."""

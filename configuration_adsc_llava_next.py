@@ -29,6 +29,7 @@ class AdscLlavaNextConfig(AdscScheduleMixin, LlavaNextConfig):
     Args:
         adsc_pruning_layers (`list[int]`, *optional*, defaults to `[]`): as for `AdscLlavaConfig`.
         adsc_drop_ratio (`float`, *optional*, defaults to 0.0): as for `AdscLlavaConfig`, per image.
+        adsc_keep_policy (`str`, *optional*, defaults to `"uniform"`): as for `AdscLlavaConfig`.
         adsc_reference_tokens (`int`, *optional*, defaults to 2340):
             The tokens of the reference image that budgets (`with_budget`, `vision_tokens_per_layer()`) refer to.
     """
@@ -40,6 +41,7 @@ class AdscLlavaNextConfig(AdscScheduleMixin, LlavaNextConfig):
 
     adsc_pruning_layers: list[int] | None = None
     adsc_drop_ratio: float | int = 0.0
+    adsc_keep_policy: str = "uniform"
     adsc_reference_tokens: int = NEXT_REFERENCE_TOKENS
 
 

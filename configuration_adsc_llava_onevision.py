@@ -28,6 +28,7 @@ class AdscLlavaOnevisionConfig(AdscScheduleMixin, LlavaOnevisionConfig):
     Args:
         adsc_pruning_layers (`list[int]`, *optional*, defaults to `[]`): as for `AdscLlavaConfig`.
         adsc_drop_ratio (`float`, *optional*, defaults to 0.0): as for `AdscLlavaConfig`, per image or video.
+        adsc_keep_policy (`str`, *optional*, defaults to `"uniform"`): as for `AdscLlavaConfig`.
         adsc_reference_tokens (`int`, *optional*, defaults to 2929):
             The tokens of the reference image that budgets (`with_budget`, `vision_tokens_per_layer()`) refer to.
     """
@@ -39,6 +40,7 @@ class AdscLlavaOnevisionConfig(AdscScheduleMixin, LlavaOnevisionConfig):
 
     adsc_pruning_layers: list[int] | None = None
     adsc_drop_ratio: float | int = 0.0
+    adsc_keep_policy: str = "uniform"
     adsc_reference_tokens: int = ONEVISION_REFERENCE_TOKENS
 
 

@@ -5,6 +5,9 @@ vision tokens, at the positions `uniform_keep_indices(n, k)`; text tokens are ne
 decoder layers see the shorter sequence, so their hidden states and KV cache are shorter. Kept tokens keep their
 original RoPE positions. Attention itself is untouched, so eager, sdpa and flash-attention all work.
 
+`config.adsc_keep_policy` names which tokens a unit keeps: ADSC's uniform positions (the default), or, as baselines
+with the same counts, the most attended ones (FastV, PyramidDrop: `last_token_attention` + `top_scored_in_unit`).
+
 This file is shipped inside every ADSC checkpoint (remote code): it imports only torch, transformers and its config.
 
 How a forward runs (`AdscLlavaModel.run_decoder`):
@@ -13,6 +16,7 @@ How a forward runs (`AdscLlavaModel.run_decoder`):
     for layer in decoder layers:
         if layer starts a stage (layer 0 or a pruning layer):
             stream = prune_vision_tokens(stream, ...)     # gather the kept tokens (pruning layers only)
+                                                          # (baselines: ranked by one layer's last-token attention)
             mask, rope = this stage's causal mask and rotary embeddings
         stream.hidden_states = layer(stream.hidden_states, mask, rope, cache)
     hidden states of every input position = its state after the last layer it reached, then the final norm
@@ -31,6 +35,7 @@ from transformers import LlavaForConditionalGeneration, LlavaModel
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.masking_utils import create_causal_mask
+from transformers.models.llama.modeling_llama import rotate_half
 from transformers.models.llava.modeling_llava import LlavaModelOutputWithPast, LlavaPreTrainedModel
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
@@ -138,6 +143,37 @@ def kept_in_unit(
     return keep, index, k
 
 
+def top_scored_in_unit(
+    scores: torch.Tensor, offsets: torch.LongTensor, unit_lengths: torch.LongTensor, drop_ratio: float
+) -> tuple[torch.BoolTensor, torch.LongTensor, torch.LongTensor]:
+    """As `kept_in_unit`, but each unit keeps its `k = floor((1 - r) * n)` highest-scored tokens.
+
+    Ties keep the earlier token. Kept tokens stay in their original order; their new offsets count them in it.
+
+    Args:
+        scores: `(batch, len)` a score per token (only vision tokens' are read).
+        offsets: `(batch, len)` index of each token in its unit's alive tokens, -1 for text.
+        unit_lengths: `(batch, len)` alive tokens of each token's unit (0 for text).
+        drop_ratio: `r`.
+    """
+    is_vision = offsets >= 0
+    positions = torch.arange(offsets.shape[1], device=offsets.device).expand_as(offsets)
+    unit_start = positions - offsets.clamp(min=0)  # a unit's tokens are contiguous in every stage
+    # Sort by score (stable: earlier first on ties), then by unit (stable: score order kept within a unit).
+    by_score = torch.argsort(torch.where(is_vision, scores.float(), -torch.inf), dim=1, descending=True, stable=True)
+    unit_key = torch.where(is_vision, unit_start, offsets.shape[1])  # text sorts last
+    by_unit = by_score.gather(1, torch.argsort(unit_key.gather(1, by_score), dim=1, stable=True))
+    sorted_key = unit_key.gather(1, by_unit)
+    starts_block = nn.functional.pad(sorted_key[:, 1:] != sorted_key[:, :-1], (1, 0), value=True)
+    block_start = torch.where(starts_block, positions, 0).cummax(dim=1).values
+    rank = torch.empty_like(positions).scatter_(1, by_unit, positions - block_start)  # rank within the unit
+    k = torch.floor((1.0 - drop_ratio) * unit_lengths.double()).long()
+    keep = is_vision & (rank < k)
+    kept_before = keep.long().cumsum(dim=1) - keep.long()
+    new_offsets = kept_before - kept_before.gather(1, unit_start)
+    return keep, new_offsets, k
+
+
 @dataclass
 class TokenStream:
     """The tokens one stage of decoder layers sees, in their original order, one row per sample.
@@ -188,18 +224,57 @@ class TokenStream:
         return torch.where(self.token_valid, self.source_index + past_length, -1)
 
 
-def prune_vision_tokens(stream: TokenStream, drop_ratio: float) -> TokenStream:
-    """Keep text tokens and, in every visual unit, the vision tokens `kept_in_unit` selects, compacting each row.
+@torch.no_grad()
+def last_token_attention(
+    decoder_layer: nn.Module, stream: TokenStream, position_embeddings: tuple, query_before: int | None = None
+) -> torch.Tensor:
+    """`(batch, stage_len)` attention each token gets from its row's last token in `decoder_layer`, head-averaged.
+
+    The one query row is recomputed from the layer's input (its input norm, q/k projections and RoPE), so any
+    attention implementation runs the layer itself. Softmax over the keys the query sees: the forward's own tokens
+    up to it. `query_before`: the query is the row's last token before this input position (default: the last).
+    """
+    attention = decoder_layer.self_attn
+    device = attention.q_proj.weight.device  # with a device_map, the stream may still be on the previous stage's
+    hidden_states = decoder_layer.input_layernorm(stream.hidden_states.to(device))
+    key_mask = stream.key_mask.to(device)
+    cos, sin = (table.to(device) for table in position_embeddings)
+    batch_size, stage_length, _ = hidden_states.shape
+    rows = torch.arange(batch_size, device=device)
+    source_index = stream.source_index.to(device)
+    may_query = key_mask if query_before is None else key_mask & (source_index < query_before)
+    last = torch.where(may_query, torch.arange(stage_length, device=device), -1).amax(dim=1).clamp(min=0)
+    seen = key_mask & (source_index <= source_index[rows, last][:, None])
+    query = attention.q_proj(hidden_states[rows, last]).view(batch_size, -1, 1, attention.head_dim)
+    query = query * cos[rows, last][:, None, None] + rotate_half(query) * sin[rows, last][:, None, None]
+    keys = attention.k_proj(hidden_states).view(batch_size, stage_length, -1, attention.head_dim).transpose(1, 2)
+    keys = (keys * cos[:, None] + rotate_half(keys) * sin[:, None]).repeat_interleave(
+        attention.num_key_value_groups, dim=1
+    )
+    logits = (query @ keys.transpose(-1, -2)).float() * attention.scaling  # (batch, heads, 1, stage_len)
+    logits = logits.masked_fill(~seen[:, None, None, :], -torch.inf)
+    return logits.softmax(dim=-1).mean(dim=1)[:, 0].to(stream.key_mask.device)
+
+
+def prune_vision_tokens(stream: TokenStream, drop_ratio: float, scores: torch.Tensor | None = None) -> TokenStream:
+    """Keep text tokens and, in every visual unit, `floor((1 - r) * n)` of its vision tokens, compacting each row.
 
     Args:
         stream: the tokens of the stage that ends here.
         drop_ratio: `r`: a unit of `n` alive tokens keeps `floor((1 - r) * n)`.
+        scores: `(batch, stage_len)` to keep each unit's highest-scored tokens (`top_scored_in_unit`); None keeps
+            ADSC's uniform positions (`kept_in_unit`).
 
     Returns:
         The next stage's stream: kept tokens first in their original order, then filler slots.
     """
     is_vision = stream.image_offsets >= 0
-    keeps_vision, new_offsets, new_lengths = kept_in_unit(stream.image_offsets, stream.unit_lengths, drop_ratio)
+    if scores is None:
+        keeps_vision, new_offsets, new_lengths = kept_in_unit(stream.image_offsets, stream.unit_lengths, drop_ratio)
+    else:
+        keeps_vision, new_offsets, new_lengths = top_scored_in_unit(
+            scores, stream.image_offsets, stream.unit_lengths, drop_ratio
+        )
     keep = stream.token_valid & (~is_vision | keeps_vision)
     num_kept = keep.sum(dim=1)
     # A stable sort puts each row's kept slots first, in order; one gather moves every per-token tensor.
@@ -534,6 +609,7 @@ class AdscModelMixin:
         use_cache: bool,
         image_offsets: torch.LongTensor,
         unit_lengths: torch.LongTensor,
+        adsc_prompt_length: int | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, Cache | None, dict]:
         """The language model's forward with vision tokens dropped at the pruning layers.
@@ -545,6 +621,8 @@ class AdscModelMixin:
             cache: an `AdscCache`, an empty `DynamicCache` (adopted) or None; each layer caches only the tokens it saw.
             image_offsets: `(batch, seq)` index of each vision token within its visual unit, -1 for text.
             unit_lengths: `(batch, seq)` tokens of each vision token's unit (an image, or a video), 0 for text.
+            adsc_prompt_length: score-based keep policies rank by the last token before this input position
+                (`generate()` passes the prompt's length); default the last token.
             kwargs: passed to the decoder layers; `output_hidden_states` / `output_attentions` (or the same flags on
                 the config) ask for per-layer outputs (`LayerOutputs`).
 
@@ -553,7 +631,10 @@ class AdscModelMixin:
             asked for (`{"hidden_states": ..., "attentions": ...}`, empty when none).
         """
         config = self.config
-        validate_schedule(config.text_config.num_hidden_layers, config.adsc_pruning_layers, config.adsc_drop_ratio)
+        keep_policy = getattr(config, "adsc_keep_policy", "uniform")
+        validate_schedule(
+            config.text_config.num_hidden_layers, config.adsc_pruning_layers, config.adsc_drop_ratio, keep_policy
+        )
         language_model = self.language_model
         batch_size, sequence_length, _ = inputs_embeds.shape
 
@@ -566,6 +647,12 @@ class AdscModelMixin:
         recorder = self.layer_outputs_recorder(inputs_embeds, past_length, kwargs)
         has_vision_tokens = bool((image_offsets >= 0).any())
         pruning_layers = set(config.adsc_pruning_layers)
+        if keep_policy != "uniform" and has_vision_tokens and past_length > 0 and pruning_layers:
+            raise ValueError(
+                f"adsc_keep_policy={keep_policy!r} ranks vision tokens by attention over the forward's own tokens, so "
+                f"images must come in the cache's first forward; this one follows {past_length} cached tokens."
+            )
+        layer_before = None  # FastV scores in the layer before the cut: (layer, its input stream, its RoPE)
         dropped_outputs = None  # hidden states of dropped tokens, at their input positions
 
         # Recomputed only for a pruned stream: stages that drop nothing (e.g. at decode steps) share these.
@@ -576,7 +663,13 @@ class AdscModelMixin:
                 if layer_idx > 0 and has_vision_tokens:
                     with record_function(PROFILER_RANGES["prune"]):
                         dropped_outputs = scatter_to_input_positions(dropped_outputs, stream, sequence_length)
-                        stream = prune_vision_tokens(stream, config.adsc_drop_ratio)
+                        scoring = {"fastv": layer_before, "pyramiddrop": (decoder_layer, stream, position_embeddings)}
+                        scores = (
+                            last_token_attention(*scoring[keep_policy], query_before=adsc_prompt_length)
+                            if keep_policy in scoring
+                            else None
+                        )
+                        stream = prune_vision_tokens(stream, config.adsc_drop_ratio, scores)
                         has_vision_tokens = bool((stream.image_offsets >= 0).any())
                         position_embeddings = language_model.rotary_emb(stream.hidden_states, stream.position_ids)
                 with record_function(PROFILER_RANGES["stage_mask"]):
@@ -584,6 +677,8 @@ class AdscModelMixin:
                 key_index = stream.key_index(past_length)
             if cache is not None and isinstance(cache.layers[layer_idx], AdscCacheLayer):
                 cache.layers[layer_idx].append_key_info(stream.key_mask, key_index)
+            if keep_policy == "fastv":
+                layer_before = (decoder_layer, stream, position_embeddings)
             with capture_attention_weights(decoder_layer, enabled=recorder is not None) as attention:
                 # position_ids are deliberately not passed: the RoPE above carries them, and flash-attention would
                 # read the gaps left by dropped tokens as boundaries of packed sequences.
@@ -802,6 +897,23 @@ class AdscGenerationMixin:
                 offloading=cache.offloading,
                 offload_only_non_sliding=getattr(cache, "only_non_sliding", False),
             )
+
+    def generate(self, inputs: torch.Tensor | None = None, **kwargs):
+        """`GenerationMixin.generate`; with a score-based keep policy every step also gets the prompt's length.
+
+        FastV and PyramidDrop rank vision tokens by the prompt's last token. Without a cache each step's forward
+        sees prompt + generated tokens, so the prompt's length tells it which token that is (cached == uncached).
+        """
+        candidates = (inputs, kwargs.get("input_ids"), kwargs.get("inputs_embeds"))
+        prompt = next((candidate for candidate in candidates if candidate is not None), None)
+        if prompt is not None and getattr(self.config, "adsc_keep_policy", "uniform") != "uniform":
+            kwargs.setdefault("adsc_prompt_length", prompt.shape[1])
+        return super().generate(inputs, **kwargs)
+
+    def _validate_model_kwargs(self, model_kwargs: dict) -> None:
+        """transformers' check of `generate()`'s model kwargs, which does not know `adsc_prompt_length`."""
+        model_kwargs.pop("adsc_prompt_length", None)  # generate() passes a copy
+        super()._validate_model_kwargs(model_kwargs)
 
     def init_continuous_batching(self, *args, **kwargs):
         """Refused: continuous batching's paged cache gives every layer the same blocks per request."""

@@ -44,11 +44,17 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-second, first], dim=-1)
 
 
-def reference_forward(model, batch, alive: torch.Tensor, inputs_embeds: torch.Tensor | None = None) -> dict:
+def reference_forward(
+    model, batch, alive: torch.Tensor, inputs_embeds: torch.Tensor | None = None, keep_policy: str | None = None
+) -> dict:
     """Full-length forward with manual attention; tokens dropped at a layer are masked out as keys from there on.
 
+    With a score-based `keep_policy` ("fastv", "pyramiddrop"), `alive` starts all True and this forward decides,
+    at each of the model's pruning layers, which tokens survive (`reference_top_scored`): by the attention weights
+    layer `l - 1` computed (FastV), or those layer `l` computes before anything is dropped there (PyramidDrop).
+
     Returns the normed output, every layer's output `(batch, seq, hidden)` (dropped tokens computed on, as if kept,
-    but never attended to) and every layer's attention weights `(batch, heads, seq, seq)`.
+    but never attended to), every layer's attention weights `(batch, heads, seq, seq)` and the alive masks.
     """
     llava = model.model
     text = llava.language_model
@@ -69,9 +75,7 @@ def reference_forward(model, batch, alive: torch.Tensor, inputs_embeds: torch.Te
     cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
     causal = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
 
-    hidden = embeds
-    layer_outputs, layer_weights = [], []
-    for layer_idx, layer in enumerate(text.layers):
+    def attend(layer, hidden, alive_here):
         attn = layer.self_attn
         x = layer.input_layernorm(hidden)
         q = attn.q_proj(x).view(batch_size, seq_len, heads, head_dim).transpose(1, 2)
@@ -80,16 +84,49 @@ def reference_forward(model, batch, alive: torch.Tensor, inputs_embeds: torch.Te
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         k = k.repeat_interleave(heads // kv_heads, dim=1)
         v = v.repeat_interleave(heads // kv_heads, dim=1)
-        allowed = causal[None] & (alive[layer_idx] & padding)[:, None, :]
+        allowed = causal[None] & (alive_here & padding)[:, None, :]
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(head_dim)
         scores = scores.masked_fill(~allowed[:, None], float("-inf"))
         weights = torch.nan_to_num(scores.softmax(-1))  # fully masked rows (padding queries) give zeros
         out = (weights @ v).transpose(1, 2).reshape(batch_size, seq_len, -1)
-        hidden = hidden + attn.o_proj(out)
+        return weights, attn.o_proj(out)
+
+    hidden = embeds
+    layer_outputs, layer_weights = [], []
+    for layer_idx, layer in enumerate(text.layers):
+        if keep_policy is not None and layer_idx in model.config.adsc_pruning_layers:
+            if keep_policy == "fastv":
+                weights = layer_weights[-1]
+            else:
+                weights, _ = attend(layer, hidden, alive[layer_idx - 1])
+            keep = reference_top_scored(weights, alive[layer_idx - 1], batch, model.config.adsc_drop_ratio)
+            alive[layer_idx:] &= keep
+        weights, attention_output = attend(layer, hidden, alive[layer_idx])
+        hidden = hidden + attention_output
         hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         layer_outputs.append(hidden)
         layer_weights.append(weights)
-    return {"normed": text.norm(hidden), "layer_outputs": layer_outputs, "attentions": layer_weights}
+    return {"normed": text.norm(hidden), "layer_outputs": layer_outputs, "attentions": layer_weights, "alive": alive}
+
+
+def reference_top_scored(weights: torch.Tensor, alive: torch.Tensor, batch: dict, drop_ratio: float) -> torch.Tensor:
+    """`(batch, seq)` False for the vision tokens a score-based policy drops, one image at a time in plain Python.
+
+    A token's score is the attention its row's last token gives it, averaged over heads; each image keeps its
+    `floor((1 - r) * n)` best alive tokens, the earlier one first on ties.
+    """
+    input_ids, padding = batch["input_ids"], batch["attention_mask"].bool()
+    keep = torch.ones_like(alive)
+    for row in range(input_ids.shape[0]):
+        last = max(i for i in range(input_ids.shape[1]) if padding[row, i])
+        scores = weights[row, :, last, :].mean(dim=0).tolist()
+        placeholders = [i for i, token in enumerate(input_ids[row].tolist()) if token == IMAGE_TOKEN_ID]
+        for start in range(0, len(placeholders), TOKENS_PER_IMAGE):
+            unit = [i for i in placeholders[start : start + TOKENS_PER_IMAGE] if alive[row, i]]
+            num_keep = math.floor((1 - drop_ratio) * len(unit))
+            kept = sorted(unit, key=lambda i: (-scores[i], i))[:num_keep]
+            keep[row, sorted(set(unit) - set(kept))] = False
+    return keep
 
 
 def reference_text_hidden_states(model, batch, alive: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ lmms-eval cannot share the project's environment (it requires torchvision, whose
 test builds its own with `eval/lmms_eval_env.sh` into `.venv-lmms-eval` (about 80 s, once per clone). lmms-eval exits
 0 even when an evaluation fails, so it runs with `--verbosity DEBUG` (which re-raises) and the test reads the results
 and samples files. Its answers must equal an independent batched `generate()` on the same checkpoint in the same
-environment, with the checkpoint's schedule and with a budget given on the command line.
+environment, with the checkpoint's schedule, with a budget given on the command line, and with a baseline policy.
 """
 
 import json
@@ -76,11 +76,10 @@ import torch
 from PIL import Image
 from transformers import AutoModel, AutoProcessor
 
-checkpoint, docs_file, budget, batch_size, new_tokens = sys.argv[1:]
+checkpoint, docs_file, schedule, batch_size, new_tokens = sys.argv[1:]
 docs = [json.loads(line) for line in open(docs_file)]
 model = AutoModel.from_pretrained(checkpoint, trust_remote_code=True, dtype=torch.bfloat16).eval()
-if budget != "none":
-    model.config.update(model.config.with_budget(float(budget)).schedule)
+model.config.update(json.loads(schedule))
 processor = AutoProcessor.from_pretrained(checkpoint, trust_remote_code=True)
 processor.tokenizer.padding_side = "left"
 answers = []
@@ -108,10 +107,9 @@ PLUGIN_SCRIPT = """\
 import json, sys
 from lmms_eval.models import get_model
 
-checkpoint, budget = sys.argv[1:]
+checkpoint, model_args = sys.argv[1:]
 model_class = get_model("adsc_llava", force_simple=False)
-kwargs = {} if budget == "none" else {"budget": float(budget)}
-lmm = model_class(pretrained=checkpoint, device="cpu", batch_size=1, max_batch_size=None, **kwargs)
+lmm = model_class(pretrained=checkpoint, device="cpu", batch_size=1, max_batch_size=None, **json.loads(model_args))
 print(json.dumps({"schedule": lmm.model.config.schedule, "padding_side": lmm.processor.tokenizer.padding_side}))
 """
 
@@ -186,19 +184,43 @@ def offline_env(home: Path) -> dict:
     return {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
-@pytest.mark.parametrize("budget", ["none", "6"])
-def test_lmms_eval_answers_equal_a_direct_batched_generate(eval_python, checkpoint, tmp_path, budget):
+# model_args beyond `pretrained`, and the schedule they must give (from the checkpoint's config, in this process).
+MODEL_ARGS = {
+    "checkpoint": ({}, lambda config: config),
+    "budget": ({"budget": 6}, lambda config: config.with_budget(6)),
+    "pyramiddrop": (
+        {"budget": 8, "method": "pyramiddrop", "layers": "1/3"},
+        lambda config: AdscLlavaConfig.from_dict(config.to_dict() | {"adsc_keep_policy": "pyramiddrop"}).with_budget(
+            8, [1, 3]
+        ),
+    ),
+    "fastv": (
+        {"budget": 8, "method": "fastv", "layers": 2},
+        lambda config: AdscLlavaConfig.from_dict(config.to_dict() | {"adsc_keep_policy": "fastv"}).with_budget(8, [2]),
+    ),
+}
+
+
+def expected_schedule(checkpoint: Path, case: str) -> dict:
+    return MODEL_ARGS[case][1](AdscLlavaConfig.from_pretrained(checkpoint)).schedule
+
+
+@pytest.mark.parametrize("case", ["checkpoint", "budget", "fastv"])
+def test_lmms_eval_answers_equal_a_direct_batched_generate(eval_python, checkpoint, tmp_path, case):
     # The data file is written twice: first to get the reference answers, then with the first one as a target.
     probe_docs = tmp_path / "probe"
     data_file = write_task(probe_docs, ["?"] * len(DOCS))
     env = offline_env(tmp_path / "hf")
-    reference = run_in(eval_python, REFERENCE_SCRIPT, str(checkpoint), str(data_file), budget, str(BATCH_SIZE),
+    schedule = json.dumps(expected_schedule(checkpoint, case))
+    reference = run_in(eval_python, REFERENCE_SCRIPT, str(checkpoint), str(data_file), schedule, str(BATCH_SIZE),
                        str(NEW_TOKENS), env=env)  # fmt: skip
     assert all(answer.strip() for answer in reference["answers"])
     task_root = tmp_path / "task"
     write_task(task_root, reference["answers"])
 
-    model_args = f"pretrained={checkpoint}" + ("" if budget == "none" else f",budget={budget}")
+    model_args = ",".join(
+        [f"pretrained={checkpoint}", *(f"{key}={value}" for key, value in MODEL_ARGS[case][0].items())]
+    )
     output_path = tmp_path / "results"
     command = [
         str(eval_python.parent / "lmms-eval"), "--model", "adsc_llava", "--model_args", model_args,
@@ -224,14 +246,22 @@ def test_lmms_eval_answers_equal_a_direct_batched_generate(eval_python, checkpoi
     assert metrics["exact_answer,none"] == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("budget", ["none", "6"])
-def test_plugin_loads_the_schedule_and_pads_left(eval_python, checkpoint, budget):
-    loaded = run_in(eval_python, PLUGIN_SCRIPT, str(checkpoint), budget)
-    config = AdscLlavaConfig.from_pretrained(checkpoint)
-    expected = config.schedule if budget == "none" else config.with_budget(float(budget)).schedule
-    assert loaded["schedule"] == expected
-    assert expected["adsc_drop_ratio"] != 0.5 or budget == "none"
+@pytest.mark.parametrize("case", list(MODEL_ARGS))
+def test_plugin_loads_the_schedule_and_pads_left(eval_python, checkpoint, case):
+    loaded = run_in(eval_python, PLUGIN_SCRIPT, str(checkpoint), json.dumps(MODEL_ARGS[case][0]))
+    assert loaded["schedule"] == expected_schedule(checkpoint, case)
     assert loaded["padding_side"] == "left"
+
+
+def test_plugin_refuses_layers_without_a_budget_and_unknown_methods(eval_python, checkpoint):
+    for model_args, message in [({"layers": "1/3"}, "needs a budget"), ({"method": "random"}, "must be one of")]:
+        result = subprocess.run(
+            [str(eval_python), "-c", PLUGIN_SCRIPT, str(checkpoint), json.dumps(model_args)],
+            capture_output=True,
+            text=True,
+            timeout=RUN_TIMEOUT_S,
+        )
+        assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
 
 
 def test_the_project_itself_does_not_import_lmms_eval():

@@ -86,10 +86,11 @@ def average_vision_tokens(
     return sum(vision_tokens_per_layer(num_layers, pruning_layers, drop_ratio, num_vision_tokens)) / num_layers
 
 
-def default_pruning_layers(num_layers: int) -> list[int]:
-    """The paper's layers `[2, 8, 16, 24]` (of 32) scaled to `num_layers`, kept strictly increasing in `[1, L)`."""
+def default_pruning_layers(num_layers: int, layers_of_32: tuple[int, ...] = PAPER_PRUNING_LAYERS) -> list[int]:
+    """The paper's layers `[2, 8, 16, 24]` (or other layers of a 32-layer LLM) scaled to `num_layers`, kept strictly
+    increasing in `[1, L)`."""
     layers: list[int] = []
-    for paper_layer in PAPER_PRUNING_LAYERS:
+    for paper_layer in layers_of_32:
         layer = min(max(round(paper_layer * num_layers / PAPER_NUM_LAYERS), 1), num_layers - 1)
         if layer >= 1 and (not layers or layer > layers[-1]):
             layers.append(layer)

@@ -14,13 +14,14 @@ from adsc_llava.cost import CostReport, format_schedule
 
 @dataclass
 class Variant:
-    """One model of the comparison: stock LLaVA (`budget=None`) or ADSC at a budget."""
+    """One model of the comparison: stock LLaVA (`budget=None`), or ADSC or a baseline policy at a budget."""
 
     label: str
     budget: float | None
     drop_ratio: float
     pruning_layers: list[int]
     schedule: list[int]
+    keep_policy: str = "uniform"
 
 
 @dataclass

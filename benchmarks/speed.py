@@ -71,7 +71,7 @@ from adsc_llava.benchmarks.report import (
     write_plot,
 )
 from adsc_llava.cli import prog
-from adsc_llava.configuration_adsc_llava import default_pruning_layers, validate_schedule
+from adsc_llava.configuration_adsc_llava import default_pruning_layers, reachable_budget_range, validate_schedule
 from adsc_llava.cost import LlavaDims, adsc_config, config_schedule, estimate_cost
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -94,18 +94,40 @@ class BenchmarkSettings:
     vision_tower: bool
     seed: int
     visual_input: dict  # {"image_size": (H, W)} or {"video_frames": N} for the anyres presets, else {}
+    baselines: tuple[str, ...] = ()  # keep policies compared beside ADSC, on their own layers
+
+
+# The baselines' own pruning layers in a 32-layer LLM (FastV's K = 2; PyramidDrop's stages), scaled to the depth.
+BASELINES = {"fastv": ("FastV", (2,)), "pyramiddrop": ("PyramidDrop", (8, 16, 24))}
+
+
+def baseline_layers(policy: str, num_layers: int) -> list[int]:
+    return default_pruning_layers(num_layers, BASELINES[policy][1])
 
 
 def benchmark_variants(
-    config: LlavaConfig, budgets: list[float], pruning_layers: list[int], visual_input: dict | None = None
+    config: LlavaConfig,
+    budgets: list[float],
+    pruning_layers: list[int],
+    visual_input: dict | None = None,
+    baselines: tuple[str, ...] = (),
 ) -> list[Variant]:
-    """Stock first, then ADSC at each budget (`r` solved by `with_budget`), with the schedules of `visual_input`."""
+    """Stock first, then ADSC at each budget (`r` solved by `with_budget`), then each baseline at the budgets its
+    layers can reach, with the schedules of `visual_input`."""
     dims = LlavaDims.from_config(config).for_input(config, **(visual_input or {}))
     variants = [Variant("stock", None, 0.0, [], [dims.vision_tokens_per_image] * dims.num_layers)]
-    for budget in budgets:
-        solved = adsc_config(config).with_budget(budget, pruning_layers)
-        schedule = config_schedule(solved, dims)
-        variants.append(Variant(f"ADSC {budget:g}", budget, solved.adsc_drop_ratio, list(pruning_layers), schedule))
+    for policy in ("uniform", *baselines):
+        name, layers = ("ADSC", pruning_layers) if policy == "uniform" else (BASELINES[policy][0], None)
+        layers = layers or baseline_layers(policy, dims.num_layers)
+        lowest, highest = reachable_budget_range(dims.num_layers, layers, adsc_config(config).reference_vision_tokens)
+        for budget in budgets:
+            if policy != "uniform" and not lowest <= budget < highest:
+                continue  # main() lists what was left out
+            solved = adsc_config(config).with_budget(budget, layers)
+            schedule = config_schedule(solved, dims)
+            variants.append(
+                Variant(f"{name} {budget:g}", budget, solved.adsc_drop_ratio, list(layers), schedule, policy)
+            )
     return variants
 
 
@@ -116,7 +138,13 @@ def variant_model(variant: Variant, stock, adsc) -> Iterator:
         yield stock
         return
     saved = adsc.config.schedule
-    adsc.config.update({"adsc_pruning_layers": variant.pruning_layers, "adsc_drop_ratio": variant.drop_ratio})
+    adsc.config.update(
+        {
+            "adsc_pruning_layers": variant.pruning_layers,
+            "adsc_drop_ratio": variant.drop_ratio,
+            "adsc_keep_policy": variant.keep_policy,
+        }
+    )
     try:
         yield adsc
     finally:
@@ -126,7 +154,9 @@ def variant_model(variant: Variant, stock, adsc) -> Iterator:
 def run_benchmark(settings: BenchmarkSettings, progress: bool = True) -> list[BenchmarkRow]:
     """Run every variant at every batch size; see the module docstring for what is measured and how."""
     config = benchmark_config(settings.config_name)
-    variants = benchmark_variants(config, settings.budgets, settings.pruning_layers, settings.visual_input)
+    variants = benchmark_variants(
+        config, settings.budgets, settings.pruning_layers, settings.visual_input, settings.baselines
+    )
     stock, adsc = build_models(config, settings.device, settings.dtype, settings.attn_implementation, settings.seed)
     rounds = settings.warmup + settings.repeats
     steps_per_batch = rounds * len(variants) + 2 * len(variants) - 1  # timed rounds, memory runs, pruning timers
@@ -225,6 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Default: the paper's [2, 8, 16, 24] of 32 scaled to the depth (default_pruning_layers).",
     )
+    parser.add_argument(
+        "--baselines",
+        nargs="*",
+        choices=sorted(BASELINES),
+        default=[],
+        help="Also time these keep policies at the same budgets, on their own layers (FastV: K = 2 of 32; "
+        "PyramidDrop: 8, 16, 24 of 32; scaled to the depth). Budgets a baseline's layers cannot reach are listed.",
+    )
     parser.add_argument("--prompt-tokens", type=int, default=58, help="Text tokens per prompt (T).")
     parser.add_argument("--new-tokens", type=int, default=None, help="Generated tokens (G). Default: 32 CPU, 64 GPU.")
     parser.add_argument("--num-images", type=int, default=1, help="Images per prompt.")
@@ -298,6 +336,7 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
         vision_tower=args.vision_tower,
         seed=args.seed,
         visual_input=visual_input,
+        baselines=tuple(args.baselines),
     )
 
 
@@ -332,6 +371,17 @@ def main(argv: list[str] | None = None) -> int:
         f"pruning layers {settings.pruning_layers}, vision tower {vision_tower}, "
         f"median of {settings.repeats} round(s) after {settings.warmup} warm-up round(s); wall time {elapsed:.0f} s\n"
     )
+    for policy in settings.baselines:
+        name, layers = BASELINES[policy][0], baseline_layers(policy, dims.num_layers)
+        timed = {row.variant.budget for row in rows if row.variant.keep_policy == policy}
+        left_out = [budget for budget in settings.budgets if budget not in timed]
+        lowest, highest = reachable_budget_range(dims.num_layers, layers, adsc_config(config).reference_vision_tokens)
+        print(
+            f"{name}: pruning layers {layers}"
+            + (f"; budgets {left_out} left out: these layers reach [{lowest:g}, {highest:g})" if left_out else "")
+        )
+    if settings.baselines:
+        print()
     warning = busy_machine_warning(settings.device, load_at_start)
     if warning is not None:
         print(f"{warning}\n")

@@ -288,6 +288,26 @@ def test_benchmark_smoke_run(capsys, tmp_path):
     assert (tmp_path / "ratios.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_benchmark_times_the_baselines_on_their_own_layers(capsys):
+    argv = ["--config", "tiny", "--repeats", "1", "--warmup", "0", "--new-tokens", "3", "--no-progress"]
+    threads = torch.get_num_threads()
+    try:
+        assert benchmark.main([*argv, "--threads", "1", "--budgets", "192", "64", "--baselines", "fastv",
+                               "pyramiddrop"]) == 0  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out
+    rows = {row["model"]: row for row in table_rows(printed, "batch")}
+    # PyramidDrop's layers [2, 5, 8] of 10 cannot go below 115.2 tokens per layer: 64 is listed, not timed.
+    assert list(rows) == ["stock", "ADSC 192", "ADSC 64", "FastV 192", "FastV 64", "PyramidDrop 192"]
+    assert "PyramidDrop: pruning layers [2, 5, 8]; budgets [64.0] left out: these layers reach [115.2, 576)" in printed
+    assert rows["FastV 192"]["vision tokens per layer"] == "576x1, 149x9"
+    assert all(row["KV = analytic"] == "yes" for row in rows.values())
+    # The same budget gives the same KV cache whatever the policy and its layers.
+    assert rows["FastV 192"]["KV MB held"] == rows["ADSC 192"]["KV MB held"]
+    assert rows["FastV 64"]["KV MB held"] == rows["ADSC 64"]["KV MB held"]
+
+
 def test_benchmark_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit) as error:
         benchmark.main(["--config", "tiny", "--budgets", "10"])  # below what pruning first at layer 1 of 10 reaches

@@ -59,6 +59,9 @@ ADSC_AUTO_MAP = {
 # - "pyramiddrop": the top k by the attention the prompt's last token would give them in layer `l` (PyramidDrop).
 # Scores are softmax probabilities over the forward's tokens, averaged over heads; ties keep the earlier token.
 KEEP_POLICIES = ("uniform", "fastv", "pyramiddrop")
+# Each policy's own pruning layers in a 32-layer LLM (ADSC's paper; FastV's K = 2; PyramidDrop's stages), for
+# `default_pruning_layers` to scale to other depths.
+POLICY_LAYERS_OF_32 = {"uniform": (2, 8, 16, 24), "fastv": (2,), "pyramiddrop": (8, 16, 24)}
 
 
 def num_kept_tokens(num_tokens: int, drop_ratio: float) -> int:

@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "train": ("adsc_llava.train.cli", "LoRA fine-tuning with the reverse budget curriculum"),
     "demo": ("adsc_llava.shapes_demo.run", "the paper's experiment in miniature, on CPU, nothing downloaded"),
     "serve": ("adsc_llava.serve", "transformers' OpenAI-compatible server for an ADSC checkpoint"),
+    "eval": ("adsc_llava.evaluate", "lmms-eval scores at several budgets and keep policies: a table and a plot"),
 }
 
 EXAMPLES = """examples:
@@ -25,6 +26,7 @@ EXAMPLES = """examples:
   adsc-llava train --model llava-1.5-7b-adsc-192/ --data mix665k.json --budget 192 --output-dir out/
   adsc-llava demo --quick
   adsc-llava serve llava-1.5-7b-adsc-192/ --port 8000
+  adsc-llava eval llava-1.5-7b-adsc-192/ --tasks mme --budgets 192 64 --methods uniform fastv --plot scores.png
 
 `adsc-llava COMMAND --help` shows each command's options."""
 

@@ -71,7 +71,12 @@ from adsc_llava.benchmarks.report import (
     write_plot,
 )
 from adsc_llava.cli import prog
-from adsc_llava.configuration_adsc_llava import default_pruning_layers, reachable_budget_range, validate_schedule
+from adsc_llava.configuration_adsc_llava import (
+    POLICY_LAYERS_OF_32,
+    default_pruning_layers,
+    reachable_budget_range,
+    validate_schedule,
+)
 from adsc_llava.cost import LlavaDims, adsc_config, config_schedule, estimate_cost
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -97,12 +102,12 @@ class BenchmarkSettings:
     baselines: tuple[str, ...] = ()  # keep policies compared beside ADSC, on their own layers
 
 
-# The baselines' own pruning layers in a 32-layer LLM (FastV's K = 2; PyramidDrop's stages), scaled to the depth.
-BASELINES = {"fastv": ("FastV", (2,)), "pyramiddrop": ("PyramidDrop", (8, 16, 24))}
+BASELINES = {"fastv": "FastV", "pyramiddrop": "PyramidDrop"}
 
 
 def baseline_layers(policy: str, num_layers: int) -> list[int]:
-    return default_pruning_layers(num_layers, BASELINES[policy][1])
+    """The baseline's own pruning layers (`POLICY_LAYERS_OF_32`) scaled to the depth."""
+    return default_pruning_layers(num_layers, POLICY_LAYERS_OF_32[policy])
 
 
 def benchmark_variants(
@@ -117,7 +122,7 @@ def benchmark_variants(
     dims = LlavaDims.from_config(config).for_input(config, **(visual_input or {}))
     variants = [Variant("stock", None, 0.0, [], [dims.vision_tokens_per_image] * dims.num_layers)]
     for policy in ("uniform", *baselines):
-        name, layers = ("ADSC", pruning_layers) if policy == "uniform" else (BASELINES[policy][0], None)
+        name, layers = ("ADSC", pruning_layers) if policy == "uniform" else (BASELINES[policy], None)
         layers = layers or baseline_layers(policy, dims.num_layers)
         lowest, highest = reachable_budget_range(dims.num_layers, layers, adsc_config(config).reference_vision_tokens)
         for budget in budgets:
@@ -372,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         f"median of {settings.repeats} round(s) after {settings.warmup} warm-up round(s); wall time {elapsed:.0f} s\n"
     )
     for policy in settings.baselines:
-        name, layers = BASELINES[policy][0], baseline_layers(policy, dims.num_layers)
+        name, layers = BASELINES[policy], baseline_layers(policy, dims.num_layers)
         timed = {row.variant.budget for row in rows if row.variant.keep_policy == policy}
         left_out = [budget for budget in settings.budgets if budget not in timed]
         lowest, highest = reachable_budget_range(dims.num_layers, layers, adsc_config(config).reference_vision_tokens)

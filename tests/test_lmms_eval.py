@@ -271,3 +271,31 @@ def test_the_project_itself_does_not_import_lmms_eval():
         text=True,
     )
     assert probe.returncode == 0, probe.stderr
+
+
+def test_adsc_llava_eval_sweeps_methods_and_budgets_into_a_table_and_a_plot(eval_python, checkpoint, tmp_path):
+    task_root = tmp_path / "task"
+    reference = run_in(eval_python, REFERENCE_SCRIPT, str(checkpoint), str(write_task(tmp_path / "probe", ["?"] * 3)),
+                       json.dumps(expected_schedule(checkpoint, "checkpoint")), str(BATCH_SIZE), str(NEW_TOKENS),
+                       env=offline_env(tmp_path / "hf"))  # fmt: skip
+    write_task(task_root, reference["answers"])
+    command = [
+        sys.executable, "-m", "adsc_llava", "eval", str(checkpoint), "--tasks", "tiny_vqa", "--budgets", "8", "2",
+        "--methods", "uniform", "fastv", "pyramiddrop", "--device", "cpu", "--batch-size", str(BATCH_SIZE),
+        "--include-path", str(task_root / "tasks"), "--output-dir", str(tmp_path / "runs"),
+        "--plot", str(tmp_path / "scores.png"), "--lmms-eval", str(eval_python.parent / "lmms-eval"),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=4 * RUN_TIMEOUT_S,
+                            env=offline_env(tmp_path / "hf"))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = [
+        line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line
+    ]
+    table = {(cells[0].strip(), cells[1].strip()): cells for cells in rows[1:]}
+    assert list(table) == [("checkpoint", "checkpoint"), ("ADSC", "8"), ("FastV", "8"), ("PyramidDrop", "8")]
+    assert table[("checkpoint", "checkpoint")][3].strip() == "0.3333"  # the first answer is the only target met
+    assert table[("FastV", "8")][2].strip() == "[1]" and table[("PyramidDrop", "8")][2].strip() == "[1, 2, 3]"
+    assert all(0 <= float(cells[3]) <= 1 for cells in table.values())
+    # Budget 2 is below what pruning first at layer 1 of 4 reaches (16 tokens / 4 layers): listed, not run.
+    assert "left out: FastV 2: its layers [1] reach [4, 16)" in result.stdout
+    assert (tmp_path / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -30,7 +30,7 @@ from adsc_llava.cost import format_schedule
 from adsc_llava.testing import PROMPT_WORDS, SPECIAL_TOKENS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SUBCOMMANDS = ("convert", "cost", "bench", "train", "demo", "serve")
+SUBCOMMANDS = ("convert", "cost", "bench", "train", "demo", "serve", "eval")
 # Subpackage -> its folder in the source tree (as in setup.py's package_dir).
 SUBPACKAGE_FOLDERS = {"train": "train", "benchmarks": "benchmarks", "shapes_demo": "examples/shapes_demo"}
 SHIPPED_FILES = setup_constant("SHIPPED_FILES")

@@ -11,7 +11,13 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 from adsc_llava import AdscLlavaConfig, AdscLlavaForConditionalGeneration
-from adsc_llava.testing import tiny_llava_config
+from adsc_llava.testing import (
+    PROMPT_WORDS,
+    SPECIAL_TOKENS,
+    build_tiny_processor,
+    tiny_llava_config,
+    tiny_llava_config_for,
+)
 
 # The test models are tiny: a second thread costs more in synchronisation than it saves, and on a shared 2-core
 # machine it makes every step wait for a preempted thread.
@@ -102,6 +108,21 @@ def make_batch(
     if sum(images_per_row):
         batch["pixel_values"] = torch.randn(sum(images_per_row), 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
     return batch
+
+
+def save_word_answering_checkpoint(folder: Path, new_tokens: int) -> Path:
+    """A tiny pruned ADSC checkpoint (with its processor) whose greedy answers are `new_tokens` plain words."""
+    processor = build_tiny_processor()
+    config = AdscLlavaConfig.from_llava_config(tiny_llava_config_for(processor), pruning_layers=[1, 2], drop_ratio=0.5)
+    torch.manual_seed(0)
+    model = AdscLlavaForConditionalGeneration(config).eval()
+    generation = model.generation_config
+    generation.do_sample = False
+    generation.max_new_tokens = generation.min_new_tokens = new_tokens
+    generation.suppress_tokens = processor.tokenizer.convert_tokens_to_ids([*SPECIAL_TOKENS, *PROMPT_WORDS])
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
 
 
 def run_fresh_process(script: str, workdir: Path, request: dict, timeout_s: float = 180) -> dict:

@@ -14,11 +14,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
-from adsc_llava import AdscLlavaConfig, AdscLlavaForConditionalGeneration
-from adsc_llava.testing import PROMPT_WORDS, SPECIAL_TOKENS, build_tiny_processor, tiny_llava_config_for
+from adsc_llava import AdscLlavaConfig
+
+from conftest import save_word_answering_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL_VENV = REPO / ".venv-lmms-eval"
@@ -140,18 +140,7 @@ def eval_python() -> Path:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    """A tiny pruned ADSC checkpoint whose greedy answers are plain words."""
-    folder = tmp_path_factory.mktemp("lmms-eval") / "tiny-adsc"
-    processor = build_tiny_processor()
-    config = AdscLlavaConfig.from_llava_config(tiny_llava_config_for(processor), pruning_layers=[1, 2], drop_ratio=0.5)
-    torch.manual_seed(0)
-    model = AdscLlavaForConditionalGeneration(config).eval()
-    generation = model.generation_config
-    generation.min_new_tokens = NEW_TOKENS
-    generation.suppress_tokens = processor.tokenizer.convert_tokens_to_ids([*SPECIAL_TOKENS, *PROMPT_WORDS])
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
+    return save_word_answering_checkpoint(tmp_path_factory.mktemp("lmms-eval") / "tiny-adsc", NEW_TOKENS)
 
 
 def run_in(python: Path, script: str, *args: str, env: dict | None = None) -> dict:

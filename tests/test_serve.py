@@ -16,11 +16,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
 from transformers import pipeline
 
-from adsc_llava import AdscLlavaConfig, AdscLlavaForConditionalGeneration
-from adsc_llava.testing import PROMPT_WORDS, SPECIAL_TOKENS, build_tiny_processor, tiny_llava_config_for
+from conftest import save_word_answering_checkpoint
 
 openai = pytest.importorskip("openai", reason="the serve test needs the openai client (the test extra installs it)")
 
@@ -44,19 +42,7 @@ def data_url(image) -> str:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    """A tiny pruned ADSC checkpoint whose generation config is greedy and yields plain words."""
-    folder = tmp_path_factory.mktemp("serve") / "tiny-adsc"
-    processor = build_tiny_processor()
-    config = AdscLlavaConfig.from_llava_config(tiny_llava_config_for(processor), pruning_layers=[1, 2], drop_ratio=0.5)
-    torch.manual_seed(0)
-    model = AdscLlavaForConditionalGeneration(config).eval()
-    generation = model.generation_config
-    generation.do_sample = False
-    generation.max_new_tokens = generation.min_new_tokens = NEW_TOKENS
-    generation.suppress_tokens = processor.tokenizer.convert_tokens_to_ids([*SPECIAL_TOKENS, *PROMPT_WORDS])
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
+    return save_word_answering_checkpoint(tmp_path_factory.mktemp("serve") / "tiny-adsc", NEW_TOKENS)
 
 
 def wait_until_healthy(server: subprocess.Popen, port: int) -> None:

@@ -631,7 +631,7 @@ class AdscModelMixin:
             asked for (`{"hidden_states": ..., "attentions": ...}`, empty when none).
         """
         config = self.config
-        keep_policy = getattr(config, "adsc_keep_policy", "uniform")
+        keep_policy = config.adsc_keep_policy
         validate_schedule(
             config.text_config.num_hidden_layers, config.adsc_pruning_layers, config.adsc_drop_ratio, keep_policy
         )
@@ -906,7 +906,7 @@ class AdscGenerationMixin:
         """
         candidates = (inputs, kwargs.get("input_ids"), kwargs.get("inputs_embeds"))
         prompt = next((candidate for candidate in candidates if candidate is not None), None)
-        if prompt is not None and getattr(self.config, "adsc_keep_policy", "uniform") != "uniform":
+        if prompt is not None and self.config.adsc_keep_policy != "uniform":
             kwargs.setdefault("adsc_prompt_length", prompt.shape[1])
         return super().generate(inputs, **kwargs)
 

@@ -121,14 +121,17 @@ def benchmark_variants(
     layers can reach, with the schedules of `visual_input`."""
     dims = LlavaDims.from_config(config).for_input(config, **(visual_input or {}))
     variants = [Variant("stock", None, 0.0, [], [dims.vision_tokens_per_image] * dims.num_layers)]
+    base_config = adsc_config(config)
     for policy in ("uniform", *baselines):
-        name, layers = ("ADSC", pruning_layers) if policy == "uniform" else (BASELINES[policy], None)
-        layers = layers or baseline_layers(policy, dims.num_layers)
-        lowest, highest = reachable_budget_range(dims.num_layers, layers, adsc_config(config).reference_vision_tokens)
+        if policy == "uniform":
+            name, layers = "ADSC", pruning_layers
+        else:
+            name, layers = BASELINES[policy], baseline_layers(policy, dims.num_layers)
+        lowest, highest = reachable_budget_range(dims.num_layers, layers, base_config.reference_vision_tokens)
         for budget in budgets:
             if policy != "uniform" and not lowest <= budget < highest:
                 continue  # main() lists what was left out
-            solved = adsc_config(config).with_budget(budget, layers)
+            solved = base_config.with_budget(budget, layers)
             schedule = config_schedule(solved, dims)
             variants.append(
                 Variant(f"{name} {budget:g}", budget, solved.adsc_drop_ratio, list(layers), schedule, policy)

@@ -24,18 +24,30 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "out"
     results = json.loads((out / "results.json").read_text())
     table_one, table_three = results["table_one"], results["table_three"]
-    # The full model, then training-free and fine-tuned ADSC at three budgets of about 1/3, 2/9 and 1/9.
-    methods = ["full model"] + ["ADSC, training-free", "ADSC + LoRA (reverse)"] * 3
-    assert [row["method"] for row in table_one] == methods
-    budgets = [row["budget"] for row in table_one[1::2]]
+    # The full model, then at three budgets of about 1/3, 2/9 and 1/9: the training-free policies on the base model
+    # and fine-tuned ADSC.
+    per_budget = ["ADSC, training-free", "FastV", "PyramidDrop", "ADSC + LoRA (reverse)"]
+    assert [row["method"] for row in table_one] == ["full model"] + per_budget * 3
+    by_budget = [table_one[1 + 4 * i : 5 + 4 * i] for i in range(3)]
+    budgets = [rows[0]["budget"] for rows in by_budget]
     assert budgets == sorted(budgets, reverse=True) and abs(budgets[-1] - 144 / 9) < 0.5
+    for rows in by_budget:
+        # The same budget accounting for every method: the same mean vision tokens per layer, within a token.
+        assert max(r["vision_tokens"] for r in rows) - min(r["vision_tokens"] for r in rows) < 1.0, rows
+        assert all(r["vision_tokens"] <= r["budget"] for r in rows)
+    # FastV prunes once (its K = 2 of 32, scaled); PyramidDrop on its own stages where they reach the budget, on ADSC's
+    # layers where they do not (the quarter of the depth before its first stage alone holds 1/12 of the budget).
+    adsc, fastv, pdrop = (by_budget[0][i]["pruning_layers"] for i in range(3))
+    assert adsc == [1, 3, 6, 9] and fastv == [1] and pdrop == [3, 6, 9]
+    assert by_budget[2][2]["pruning_layers"] == adsc
     # The cost model: pruning saves FLOPs and KV cache, more at smaller budgets.
-    kv_ratios = [row["kv_ratio"] for row in table_one]
-    assert kv_ratios[0] == 1.0 and kv_ratios[1] > kv_ratios[3] > kv_ratios[5] > 0
+    kv_ratios = [rows[0]["kv_ratio"] for rows in by_budget]
+    assert table_one[0]["kv_ratio"] == 1.0 and kv_ratios[0] > kv_ratios[1] > kv_ratios[2] > 0
     assert sorted(row["curriculum"] for row in table_three) == ["direct", "reverse", "standard"]
     # Each fine-tuned model is a remote-code checkpoint; the new-image answer came from a fresh process.
-    assert (Path(table_one[2]["model_dir"]) / "modeling_adsc_llava.py").is_file()
-    assert "| ADSC + LoRA (reverse) |" in (out / "results.md").read_text()
+    assert (Path(table_one[4]["model_dir"]) / "modeling_adsc_llava.py").is_file()
+    assert "| ADSC + LoRA (reverse) | 1, 3, 6, 9 |" in (out / "results.md").read_text()
+    assert "| PyramidDrop | 3, 6, 9 |" in (out / "results.md").read_text()
     assert (out / "accuracy_vs_tokens.png").stat().st_size > 1000
     assert (out / "new_image.png").is_file() and "New image" in completed.stdout
     # A rerun reuses the cached data and base model, fine-tunes again and reproduces the numbers.

@@ -26,6 +26,7 @@ class Result:
     vision_tokens: float
     flops_ratio: float
     kv_ratio: float
+    pruning_layers: list[int]
     model_dir: str | None = None
 
 
@@ -99,6 +100,7 @@ def evaluate_row(
         vision_tokens=config.average_vision_tokens(),
         flops_ratio=flops_ratio,
         kv_ratio=kv_ratio,
+        pruning_layers=list(config.adsc_pruning_layers),
         model_dir=str(model_dir) if model_dir else None,
     )
     print(

@@ -4,6 +4,9 @@ from pathlib import Path
 
 from adsc_llava.shapes_demo.evaluate import Result
 
+# Table I's methods in the plot, the baselines (training-free heuristics) dotted.
+METHOD_MARKERS = {"FastV": "v", "PyramidDrop": "^", "ADSC, training-free": "s", "ADSC + LoRA (reverse)": "o"}
+
 
 def markdown_tables(table_one: list[Result], table_three: list[Result]) -> str:
     full_accuracy = table_one[0].accuracy
@@ -11,14 +14,15 @@ def markdown_tables(table_one: list[Result], table_three: list[Result]) -> str:
     lines = [
         "Table I in miniature: accuracy on the held-out test split",
         "",
-        "| method | budget (avg vision tokens/layer) | accuracy | vs full | "
+        "| method | pruning layers | budget (avg vision tokens/layer) | accuracy | vs full | "
         + "".join(f"{kind} | " for kind in kinds)
         + "FLOPs | KV cache |",
-        "|---|---|---|---|" + "---|" * len(kinds) + "---|---|",
+        "|---|---|---|---|---|" + "---|" * len(kinds) + "---|---|",
     ]
     for row in table_one:
         lines.append(
-            f"| {row.method} | {row.vision_tokens:.1f} | {row.accuracy:.1%} | "
+            f"| {row.method} | {', '.join(map(str, row.pruning_layers)) or '-'} | {row.vision_tokens:.1f} | "
+            f"{row.accuracy:.1%} | "
             f"{row.accuracy / max(full_accuracy, 1e-9):.1%} | "
             + "".join(f"{row.accuracy_by_type[kind]:.1%} | " for kind in kinds)
             + f"{row.flops_ratio:.1%} | {row.kv_ratio:.1%} |"
@@ -47,9 +51,10 @@ def plot(table_one: list[Result], path: Path) -> Path | None:
         return None
     figure, axes = plt.subplots(figsize=(6, 4))
     axes.axhline(table_one[0].accuracy, linestyle="--", color="gray", label="full model (144 tokens)")
-    for method, marker in (("ADSC, training-free", "s"), ("ADSC + LoRA (reverse)", "o")):
+    for method, marker in METHOD_MARKERS.items():
         rows = [row for row in table_one if row.method == method]
-        axes.plot([r.vision_tokens for r in rows], [r.accuracy for r in rows], marker=marker, label=method)
+        style = "-" if method.startswith("ADSC") else ":"
+        axes.plot([r.vision_tokens for r in rows], [r.accuracy for r in rows], style, marker=marker, label=method)
     axes.set_xlabel("average vision tokens per LLM layer")
     axes.set_ylabel("test accuracy")
     axes.set_ylim(0, 1)

@@ -26,6 +26,11 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from adsc_llava import AdscLlavaConfig, AdscLlavaForConditionalGeneration
 from adsc_llava.cli import prog
+from adsc_llava.configuration_adsc_llava import (
+    POLICY_LAYERS_OF_32,
+    default_pruning_layers,
+    reachable_budget_range,
+)
 from adsc_llava.shapes_demo import synthetic
 from adsc_llava.shapes_demo.evaluate import Result, answer_new_image, evaluate_row
 from adsc_llava.shapes_demo.recipe import BUDGET_FRACTIONS, FULL, QUESTION_TYPES, QUICK, DemoRecipe, recipe_key
@@ -42,6 +47,8 @@ from adsc_llava.train.trainer import run_training
 
 # The base model's batches are big enough for a second thread to pay on an idle machine; the LoRA runs' are not.
 MAX_BASE_THREADS = 2
+# Table I's training-free rows: each keep policy on the base model, at the same budgets.
+TRAINING_FREE = {"uniform": "ADSC, training-free", "fastv": "FastV", "pyramiddrop": "PyramidDrop"}
 
 
 def make_data(folder: Path, recipe: DemoRecipe, show_progress: bool) -> tuple[Path, Path]:
@@ -188,6 +195,18 @@ def fine_tune(base: Path, train_json: Path, out: Path, recipe: DemoRecipe, budge
     )
 
 
+def baseline_layers_for(policy: str, config: AdscLlavaConfig, budget: float, adsc_layers: list[int]) -> list[int]:
+    """A policy's own pruning layers (`POLICY_LAYERS_OF_32`, scaled), or ADSC's where its own cannot reach `budget`.
+
+    PyramidDrop's stages at 1/4, 1/2 and 3/4 of the depth keep the first quarter full, so budgets under a quarter of
+    the tokens need earlier stages; on ADSC's layers the two rules differ only in which tokens they keep.
+    """
+    num_layers = config.text_config.num_hidden_layers
+    own = default_pruning_layers(num_layers, POLICY_LAYERS_OF_32[policy]) if policy != "uniform" else adsc_layers
+    lowest, _ = reachable_budget_range(num_layers, own, config.reference_vision_tokens)
+    return own if budget >= lowest else adsc_layers
+
+
 def load(path: Path) -> AdscLlavaForConditionalGeneration:
     return AdscLlavaForConditionalGeneration.from_pretrained(path)
 
@@ -208,9 +227,13 @@ def run_experiment(
     base = load(base_dir)
     full = evaluate_row("full model", base, processor, test_json, None, model_dir=base_dir)
     table_one = [full]
+    adsc_layers = base.config.with_budget(budgets[0]).adsc_pruning_layers
     for budget in budgets:
-        base.config.update(base.config.with_budget(budget).schedule)
-        table_one.append(evaluate_row("ADSC, training-free", base, processor, test_json, budget))
+        for policy in TRAINING_FREE:
+            layers = baseline_layers_for(policy, base.config, budget, adsc_layers)
+            base.config.update(base.config.with_budget(budget, layers).schedule | {"adsc_keep_policy": policy})
+            table_one.append(evaluate_row(TRAINING_FREE[policy], base, processor, test_json, budget))
+        base.config.update({"adsc_keep_policy": "uniform"})
         tuned_dir = fine_tune(base_dir, train_json, output_dir / f"adsc-{budget:g}-reverse", recipe, budget, "reverse")
         table_one.append(
             evaluate_row("ADSC + LoRA (reverse)", load(tuned_dir), processor, test_json, budget, "reverse", tuned_dir)

@@ -17,9 +17,12 @@ import math
 import re
 
 import transformers
+from huggingface_hub.dataclasses import strict
+from transformers import LlavaConfig
 
-# The oldest transformers these files run on (5.24 renamed `past_key_values` to `cache` in the model forwards they
-# call); checked before anything else is imported so that an older install fails with this message, not a stray one.
+# The oldest transformers the modeling files run on (5.24 renamed `past_key_values` to `cache` in the model forwards
+# they call). The configs themselves load on older releases too (serving engines such as vLLM read them with their own
+# model code); each modeling file calls `check_transformers_version` before importing anything else from transformers.
 MIN_TRANSFORMERS_VERSION = "5.24.0"
 
 
@@ -27,14 +30,14 @@ def _release(version: str) -> tuple[int, ...]:
     return tuple(int(part) for part in re.match(r"(\d+)\.(\d+)\.?(\d*)", version).groups() if part)
 
 
-if _release(transformers.__version__) < _release(MIN_TRANSFORMERS_VERSION):
-    raise ImportError(
-        f"ADSC-LLaVA's remote code needs transformers >= {MIN_TRANSFORMERS_VERSION}, but transformers "
-        f"{transformers.__version__} is installed: pip install -U 'transformers>={MIN_TRANSFORMERS_VERSION}'"
-    )
+def check_transformers_version() -> None:
+    """Raise a clear `ImportError` when the installed transformers is older than the modeling files need."""
+    if _release(transformers.__version__) < _release(MIN_TRANSFORMERS_VERSION):
+        raise ImportError(
+            f"ADSC-LLaVA's remote code needs transformers >= {MIN_TRANSFORMERS_VERSION}, but transformers "
+            f"{transformers.__version__} is installed: pip install -U 'transformers>={MIN_TRANSFORMERS_VERSION}'"
+        )
 
-from huggingface_hub.dataclasses import strict  # noqa: E402
-from transformers import LlavaConfig  # noqa: E402
 
 # The paper's pruning layers for a 32-layer LLM (LLaVA-1.5-7B); other depths scale them proportionally.
 PAPER_PRUNING_LAYERS = (2, 8, 16, 24)
@@ -62,6 +65,19 @@ KEEP_POLICIES = ("uniform", "fastv", "pyramiddrop")
 # Each policy's own pruning layers in a 32-layer LLM (ADSC's paper; FastV's K = 2; PyramidDrop's stages), for
 # `default_pruning_layers` to scale to other depths.
 POLICY_LAYERS_OF_32 = {"uniform": (2, 8, 16, 24), "fastv": (2,), "pyramiddrop": (8, 16, 24)}
+
+
+def uniform_keep_positions(num_tokens: int, num_keep: int) -> list[int]:
+    """Which of `num_tokens` tokens survive when `num_keep` are kept: the centres of `num_keep` equal bins.
+
+    Token `floor((2i + 1) * num_tokens / (2 * num_keep))` is kept for `i = 0 .. num_keep - 1`. The result is
+    deterministic, strictly increasing, depends only on the two counts, and its gaps differ by at most one (it is
+    a floor of an arithmetic progression with step `num_tokens / num_keep >= 1`). `num_keep = num_tokens` keeps
+    everything, `num_keep = 0` keeps nothing.
+    """
+    if not 0 <= num_keep <= num_tokens:
+        raise ValueError(f"num_keep must be in [0, num_tokens={num_tokens}], got {num_keep}.")
+    return [(2 * i + 1) * num_tokens // (2 * num_keep) for i in range(num_keep)]
 
 
 def num_kept_tokens(num_tokens: int, drop_ratio: float) -> int:

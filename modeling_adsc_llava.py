@@ -26,6 +26,10 @@ final norm), so logits keep the stock `[batch, seq, vocab]` shape. Image tokens 
 training, so the loss is unaffected; do not read next-token predictions at dropped positions.
 """
 
+from .configuration_adsc_llava import check_transformers_version
+
+check_transformers_version()  # before the imports below, which an older transformers would break
+
 from dataclasses import dataclass, replace
 
 import torch
@@ -41,7 +45,7 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple
 
-from .configuration_adsc_llava import AdscLlavaConfig, validate_schedule
+from .configuration_adsc_llava import AdscLlavaConfig, uniform_keep_positions, validate_schedule
 
 # Text models whose decoder layers take `(hidden_states, attention_mask, position_embeddings, cache)` and whose model
 # forward does nothing else than embed -> layers -> norm: the layer loop below is exactly their forward.
@@ -58,20 +62,9 @@ PROFILER_RANGES = {
 
 
 def uniform_keep_indices(num_tokens: int, num_keep: int) -> torch.LongTensor:
-    """Which of `num_tokens` tokens survive when `num_keep` are kept: the centres of `num_keep` equal bins.
-
-    Token `floor((2i + 1) * num_tokens / (2 * num_keep))` is kept for `i = 0 .. num_keep - 1`. The result is
-    deterministic, strictly increasing, depends only on the two counts, and its gaps differ by at most one (it is
-    a floor of an arithmetic progression with step `num_tokens / num_keep >= 1`). `num_keep = num_tokens` keeps
-    everything, `num_keep = 0` keeps nothing.
-
-    Returns:
-        `torch.LongTensor` of shape `(num_keep,)`.
-    """
-    if not 0 <= num_keep <= num_tokens:
-        raise ValueError(f"num_keep must be in [0, num_tokens={num_tokens}], got {num_keep}.")
-    bins = torch.arange(num_keep, dtype=torch.long)
-    return torch.div((2 * bins + 1) * num_tokens, 2 * num_keep, rounding_mode="floor")
+    """`uniform_keep_positions(num_tokens, num_keep)` (ADSC's rule, defined with the config so that serving engines
+    share it) as a `torch.LongTensor` of shape `(num_keep,)`."""
+    return torch.tensor(uniform_keep_positions(num_tokens, num_keep), dtype=torch.long)
 
 
 def visual_unit_offsets(

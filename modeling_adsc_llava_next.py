@@ -6,6 +6,10 @@ image's span (base view, unpadded grid, one newline per grid row); the ADSC pass
 as one visual unit (`modeling_adsc_llava.visual_unit_offsets`), whatever its length.
 """
 
+from .configuration_adsc_llava import check_transformers_version
+
+check_transformers_version()  # before the imports below, which an older transformers would break
+
 import torch
 from torch import nn
 from transformers import LlavaNextForConditionalGeneration, LlavaNextModel

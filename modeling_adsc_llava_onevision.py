@@ -7,6 +7,10 @@ relatively) and both configuration files. The vision side is stock OneVision. Vi
 `generate()` forward gets (it passes no image sizes and no frame counts).
 """
 
+from .configuration_adsc_llava import check_transformers_version
+
+check_transformers_version()  # before the imports below, which an older transformers would break
+
 import torch
 from torch import nn
 from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel

@@ -2,6 +2,7 @@
 
 import ast
 import re
+import shutil
 import subprocess
 import sys
 from importlib.metadata import version
@@ -43,21 +44,33 @@ def test_readme_main_job_command_shares_the_set_up():
     assert f"```bash\n{set_up} && .venv/bin/adsc-llava demo\n```" in readme
 
 
-def test_remote_code_refuses_an_older_transformers_by_name():
-    """The shipped files check the version first: an old install gets the minimum named, not a stray ImportError."""
+FAMILIES = ("", "_next", "_onevision")
+
+
+def test_remote_code_refuses_an_older_transformers_by_name(tmp_path):
+    """The modeling files check the version first: an old install gets the minimum named, not a stray ImportError.
+    The configs load on it (serving engines such as vLLM read them with their own model code)."""
     from adsc_llava.configuration_adsc_llava import MIN_TRANSFORMERS_VERSION
 
     assert MIN_TRANSFORMERS_VERSION == setup_constant("MIN_TRANSFORMERS")
-    script = (
-        "import importlib.util, sys, transformers\n"
-        "transformers.__version__ = '5.20.1'\n"
-        f"spec = importlib.util.spec_from_file_location('config', {str(ROOT / 'configuration_adsc_llava.py')!r})\n"
-        "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
-    )
-    completed = subprocess.run([sys.executable, "-I", "-c", script], capture_output=True, text=True, timeout=120)
-    assert completed.returncode != 0
-    assert "ImportError: ADSC-LLaVA's remote code needs transformers >= 5.24.0, but transformers 5.20.1" in (
-        completed.stderr
-    )
+    package = tmp_path / "checkpoint_code"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    for path in ROOT.glob("*_adsc_llava*.py"):
+        shutil.copy(path, package)
+    for module, loads in (("configuration_adsc_llava", True), *((f"modeling_adsc_llava{s}", False) for s in FAMILIES)):
+        script = (
+            "import importlib, transformers\n"
+            "transformers.__version__ = '5.20.1'\n"
+            f"importlib.import_module('checkpoint_code.{module}')\n"
+        )
+        completed = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path
+        )
+        assert (completed.returncode == 0) == loads, (module, completed.stderr[-2000:])
+        if not loads:
+            assert "ImportError: ADSC-LLaVA's remote code needs transformers >= 5.24.0, but transformers 5.20.1" in (
+                completed.stderr
+            )
     card = (ROOT / "model_card.md").read_text()
     assert f"transformers >= {MIN_TRANSFORMERS_VERSION}" in card

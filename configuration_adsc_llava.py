@@ -228,6 +228,26 @@ class AdscScheduleMixin:
             self.text_config.num_hidden_layers, self.adsc_pruning_layers, self.adsc_drop_ratio, num_vision_tokens
         )
 
+    def surviving_vision_offsets(self, num_vision_tokens: int | None = None) -> list[list[int]]:
+        """ADSC's rule for one image of `num_vision_tokens` (default `reference_vision_tokens`): for each pruning
+        layer, the offsets (within the image's placeholder tokens) of the tokens alive from that layer on.
+
+        Counts alone decide them (`uniform_keep_positions`), which is what lets an engine plan every stage before the
+        forward runs. The score-based baseline policies have no such answer.
+        """
+        if self.adsc_keep_policy != "uniform":
+            raise ValueError(f"keep policy {self.adsc_keep_policy!r} picks tokens by attention scores, not by counts.")
+        alive, surviving = (
+            list(range(self.reference_vision_tokens if num_vision_tokens is None else num_vision_tokens)),
+            [],
+        )
+        for _ in self.adsc_pruning_layers:
+            alive = [
+                alive[i] for i in uniform_keep_positions(len(alive), num_kept_tokens(len(alive), self.adsc_drop_ratio))
+            ]
+            surviving.append(alive)
+        return surviving
+
     def average_vision_tokens(self, num_vision_tokens: int | None = None) -> float:
         """The paper's budget: mean over all decoder layers of the vision tokens of one image each layer sees."""
         tokens_per_layer = self.vision_tokens_per_layer(num_vision_tokens)

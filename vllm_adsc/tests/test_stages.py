@@ -13,7 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from vllm_adsc.stages import DroppedTokens, VisionSchedule, image_offsets, plan_stages  # noqa: E402
+from vllm_adsc.stages import Progress, RequestProgress, VisionSchedule, image_offsets, plan_stages  # noqa: E402
 
 from configuration_adsc_llava import AdscLlavaConfig, uniform_keep_positions  # noqa: E402
 
@@ -72,18 +72,25 @@ def test_surviving_offsets_follow_the_counts_of_the_schedule():
         AdscLlavaConfig.from_dict({**config.to_dict(), "adsc_keep_policy": "fastv"}).surviving_vision_offsets()
 
 
-def test_image_offsets_split_runs_into_images_and_refuse_a_cut_image():
+def test_image_offsets_split_runs_into_images_and_continue_a_cut_image():
     schedule = schedule_for(4, [1], 0.5)
     ids = torch.tensor([1, IMAGE, IMAGE, IMAGE, IMAGE, IMAGE, IMAGE, IMAGE, IMAGE, 3, IMAGE, IMAGE, IMAGE, IMAGE])
-    requests = torch.tensor([0] * 9 + [0] + [1] * 4)
-    assert image_offsets(ids, requests, schedule).tolist() == [-1, 0, 1, 2, 3, 0, 1, 2, 3, -1, 0, 1, 2, 3]
-    with pytest.raises(ValueError, match="--disable-chunked-mm-input"):
-        image_offsets(ids[:7], requests[:7], schedule)  # the second image cut after two tokens
+    offsets, open_after = image_offsets(ids, torch.tensor([0, 10, 14]), torch.tensor([0, 0]), schedule)
+    assert offsets.tolist() == [-1, 0, 1, 2, 3, 0, 1, 2, 3, -1, 0, 1, 2, 3] and open_after.tolist() == [0, 0]
+    # A step that ends two tokens into the second image, then the step that finishes it.
+    offsets, open_after = image_offsets(ids[:7], torch.tensor([0, 7]), torch.tensor([0]), schedule)
+    assert offsets[5:].tolist() == [0, 1] and open_after.tolist() == [2]
+    offsets, open_after = image_offsets(ids[7:10], torch.tensor([0, 3]), open_after, schedule)
+    assert offsets.tolist() == [2, 3, -1] and open_after.tolist() == [0]
+    with pytest.raises(ValueError, match="went on with text"):
+        image_offsets(ids[9:], torch.tensor([0, 5]), torch.tensor([2]), schedule)
+    with pytest.raises(ValueError, match="not a whole number of images"):
+        image_offsets(ids[2:], torch.tensor([0, 12]), torch.tensor([0]), schedule)
 
 
 @pytest.mark.parametrize("seed", range(6))
 def test_plans_of_concurrent_requests_match_a_whole_sequence_replay(seed):
-    """Requests of different lengths with 0-2 images, prefilled in whole-image chunks then decoded, share steps."""
+    """Requests of different lengths with 0-2 images, prefilled in chunks (cut anywhere) then decoded, share steps."""
     rng = random.Random(seed)
     tokens_per_image, layers, drop_ratio = rng.choice([(4, [1, 3], 0.5), (9, [2], 0.6), (6, [1, 2, 5], 0.34)])
     schedule = schedule_for(tokens_per_image, layers, drop_ratio)
@@ -92,14 +99,13 @@ def test_plans_of_concurrent_requests_match_a_whole_sequence_replay(seed):
         ids = [rng.randint(10, 20) for _ in range(rng.randint(1, 4))]
         for _ in range(rng.randint(0, 2)):
             ids += [IMAGE] * tokens_per_image + [rng.randint(10, 20) for _ in range(rng.randint(0 if _ else 1, 3))]
-        # Chunks end at text tokens or image ends (images are never cut); then 3 decode steps of one text token.
+        # Prefill in up to three chunks, cut anywhere (images too); then 3 decode steps of one text token.
         boundaries = sorted({rng.randint(1, len(ids)) for _ in range(2)} | {len(ids)})
-        boundaries = [b for b in boundaries if b == len(ids) or ids[b - 1] != IMAGE or ids[b] != IMAGE]
         chunks = [b - a for a, b in zip([0, *boundaries], boundaries, strict=False) if b > a] + [1, 1, 1]
         ids += [rng.randint(10, 20) for _ in range(3)]
         blocks = rng.sample(range(100), len(ids) // BLOCK + 1)
         requests.append({"ids": ids, "chunks": chunks, "blocks": blocks, "done": 0})
-    dropped_tokens = DroppedTokens(len(layers))
+    progress = RequestProgress(len(layers))
     while any(r["chunks"] for r in requests):
         waiting = [r for r in requests if r["chunks"]]
         step = [r for r in waiting if rng.random() < 0.8] or waiting[:1]
@@ -115,17 +121,17 @@ def test_plans_of_concurrent_requests_match_a_whole_sequence_replay(seed):
         first_blocks = block_table[:, 0].tolist()
         query_start_loc = torch.tensor([0, *torch.cumsum(torch.tensor(query_lens), 0).tolist()])
         starts = [positions[int(q)] for q in query_start_loc[:-1]]
-        plans = plan_stages(
+        plans, after = plan_stages(
             torch.tensor(input_ids),
             torch.tensor(positions),
             query_start_loc,
             torch.tensor([r["done"] for r in step]),
             block_table,
             BLOCK,
-            dropped_tokens.before(first_blocks, starts),
+            progress.before(first_blocks, starts),
             schedule,
         )
-        dropped_tokens.update(first_blocks, torch.stack([plan.dropped for plan in plans], dim=1))
+        progress.update(first_blocks, after)
         previous = torch.arange(len(input_ids))
         for stage, plan in enumerate(plans):
             assert torch.equal(previous[plan.keep], plan.rows)
@@ -146,8 +152,10 @@ def test_plans_of_concurrent_requests_match_a_whole_sequence_replay(seed):
             assert plan.query_start_loc[-1] == len(expected_rows)
 
 
-def test_a_new_request_on_a_reused_block_starts_from_zero():
-    dropped = DroppedTokens(2)
-    dropped.update([5], torch.tensor([[3, 4]]))
-    assert dropped.before([5, 6], [10, 0]).tolist() == [[3, 4], [0, 0]]
-    assert dropped.before([5], [0]).tolist() == [[0, 0]]  # block 5 now starts another request
+def test_a_new_request_on_a_reused_block_starts_from_nothing():
+    progress = RequestProgress(2)
+    progress.update([5], Progress(torch.tensor([[3, 4]]), torch.tensor([2])))
+    before = progress.before([5, 6], [10, 0])
+    assert before.dropped.tolist() == [[3, 4], [0, 0]] and before.open_image_tokens.tolist() == [2, 0]
+    before = progress.before([5], [0])  # block 5 now starts another request
+    assert before.dropped.tolist() == [[0, 0]] and before.open_image_tokens.tolist() == [0]

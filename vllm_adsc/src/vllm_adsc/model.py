@@ -13,14 +13,17 @@ The delta over `vllm.model_executor.models.llava.LlavaForConditionalGeneration` 
 The vision tower, projector, weights, processor and sampler are vLLM's own.
 """
 
+import re
+
 import torch
 from vllm.config import VllmConfig
 from vllm.distributed import get_pp_group
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.models.llava import LlavaForConditionalGeneration
+from vllm.model_executor.models.utils import WeightsMapper
 from vllm.v1.attention.backend import CommonAttentionMetadata
 
-from vllm_adsc.stages import DroppedTokens, StagePlan, VisionSchedule, plan_stages
+from vllm_adsc.stages import RequestProgress, StagePlan, VisionSchedule, plan_stages
 
 
 class StageMetadata:
@@ -77,6 +80,15 @@ class AdscLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     """`AdscLlavaForConditionalGeneration` checkpoints (ADSC's "uniform" policy) served by vLLM."""
 
     requires_raw_input_tokens = True  # image placeholders in `input_ids` say which rows are vision tokens
+    # transformers >= 5 saves the CLIP tower without its `vision_model.` level; vLLM's CLIP module keeps it.
+    hf_to_vllm_mapper = (
+        WeightsMapper(
+            orig_to_new_regex={
+                re.compile(r"^(model\.)?vision_tower\.(?!vision_model\.)"): "vision_tower.vision_model."
+            }
+        )
+        | LlavaForConditionalGeneration.hf_to_vllm_mapper
+    )
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
@@ -93,7 +105,8 @@ class AdscLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         self.stage_metadata = StageMetadata(
             vllm_config, [layer.self_attn.attn for layer in layers], self.schedule.pruning_layers
         )
-        self.dropped_tokens = DroppedTokens(len(self.schedule.pruning_layers))
+        self.progress = RequestProgress(len(self.schedule.pruning_layers))
+        self.stage_rows: list[int] = []  # rows each stage computed on in the latest step
 
     def _plan(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[list[StagePlan], object] | None:
         """This step's stage plans and the step's own (first stage's) metadata; None where nothing is pruned."""
@@ -114,17 +127,17 @@ class AdscLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         block_size = (
             self.stage_metadata.attention_layers[0].get_kv_cache_spec(self.stage_metadata.vllm_config).block_size
         )
-        plans = plan_stages(
+        plans, after = plan_stages(
             input_ids.cpu().long(),
             cpu_positions,
             query_start_loc,
             full.seq_lens.cpu().long()[:num_reqs],
             block_table[:num_reqs],
             block_size,
-            self.dropped_tokens.before(first_blocks, first_positions),
+            self.progress.before(first_blocks, first_positions),
             self.schedule,
         )
-        self.dropped_tokens.update(first_blocks, torch.stack([plan.dropped for plan in plans], dim=1))
+        self.progress.update(first_blocks, after)
         return plans, full
 
     def forward(
@@ -139,8 +152,10 @@ class AdscLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         hidden = inputs_embeds if inputs_embeds is not None else language_model.embed_input_ids(input_ids)
         planned = self._plan(input_ids, positions)
         if planned is None:
+            self.stage_rows = [len(hidden)] * (len(self.schedule.pruning_layers) + 1)
             return language_model(input_ids, positions, intermediate_tensors, inputs_embeds=hidden)
         plans, full = planned
+        self.stage_rows = [len(hidden), *(len(plan.rows) for plan in plans)]
         stage_of_layer = {layer: stage for stage, layer in enumerate(self.schedule.pruning_layers)}
         # Each row's output is its state when it left (dropped, or after the last layer), as in the HF model.
         final_hidden, final_residual = torch.empty_like(hidden), torch.empty_like(hidden)

@@ -11,7 +11,7 @@ causal sequence of `seq_lens[i] - dropped` tokens. Tokens keep their original po
 text: each one lands right after the request's packed prompt.
 
 Everything here is a pure function of token ids, positions and the step's metadata; the only state across steps is
-how many tokens each running request has dropped so far per stage (`DroppedTokens`).
+each running request's `Progress` (tokens dropped so far per stage, and an image a chunked prefill cut short).
 """
 
 from dataclasses import dataclass
@@ -65,35 +65,65 @@ class StagePlan:
     dropped: torch.LongTensor
 
 
-def image_offsets(input_ids: torch.LongTensor, request_of_row: torch.LongTensor, schedule: VisionSchedule):
-    """Each row's offset within its image, `-1` for text rows.
+def image_offsets(
+    input_ids: torch.LongTensor,
+    query_start_loc: torch.LongTensor,
+    open_image_tokens: torch.LongTensor,
+    schedule: VisionSchedule,
+) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """Each row's offset within its image (`-1` for text rows), and each request's unfinished image after the step.
 
-    An image is `tokens_per_image` consecutive placeholder rows of one request; runs of placeholders are split into
-    whole images. A run of another length means an image was cut between two engine steps, which stages cannot
-    handle (the rule is defined on whole images): run vLLM with `--disable-chunked-mm-input`.
+    An image is `tokens_per_image` consecutive placeholder tokens; back-to-back images form one run. vLLM may cut an
+    image between two steps (chunked prefill): `open_image_tokens[i]` says how many of an image request `i`'s
+    previous steps already held, so its first rows continue that image.
+
+    Returns:
+        offsets `(T,)`, and the placeholder tokens of an image each request leaves unfinished, `(R,)`.
     """
-    is_vision = input_ids == schedule.image_token_id
+    n = schedule.tokens_per_image
     offsets = torch.full_like(input_ids, -1)
-    if not bool(is_vision.any()):
-        return offsets
-    # Run starts: a vision row whose previous row is text or belongs to another request.
-    previous_is_same_run = torch.zeros_like(is_vision)
-    previous_is_same_run[1:] = is_vision[:-1] & (request_of_row[1:] == request_of_row[:-1])
-    run_start = is_vision & ~previous_is_same_run
-    run_id = torch.cumsum(run_start.long(), 0) - 1
-    row = torch.arange(len(input_ids))
-    start_row = torch.zeros(int(run_start.sum()), dtype=torch.long)
-    start_row[run_id[run_start]] = row[run_start]
-    offset_in_run = row - start_row[run_id.clamp(min=0)]
-    run_lengths = torch.bincount(run_id[is_vision])
-    if bool((run_lengths % schedule.tokens_per_image != 0).any()):
-        raise ValueError(
-            f"ADSC-LLaVA needs each image's {schedule.tokens_per_image} placeholder tokens in one engine step, but a "
-            f"step holds runs of {sorted(set(run_lengths.tolist()))} of them: an image was split between steps. Start "
-            "vLLM with --disable-chunked-mm-input (LLM(..., disable_chunked_mm_input=True))."
-        )
-    offsets[is_vision] = offset_in_run[is_vision] % schedule.tokens_per_image
-    return offsets
+    open_after = torch.zeros_like(open_image_tokens)
+    is_vision = (input_ids == schedule.image_token_id).tolist()
+    for request, (start, end) in enumerate(
+        zip(query_start_loc[:-1].tolist(), query_start_loc[1:].tolist(), strict=True)
+    ):
+        carried = int(open_image_tokens[request])
+        if carried and (start == end or not is_vision[start]):
+            raise ValueError(
+                f"request {request} left an image after {carried} of its {n} tokens, then went on with text."
+            )
+        row = start
+        while row < end:
+            if not is_vision[row]:
+                row += 1
+                continue
+            run_end = row
+            while run_end < end and is_vision[run_end]:
+                run_end += 1
+            first = carried if row == start else 0
+            offsets[row:run_end] = torch.arange(first, first + run_end - row) % n
+            unfinished = (first + run_end - row) % n
+            if unfinished and run_end < end:
+                raise ValueError(
+                    f"a run of {first + run_end - row} image placeholder tokens is not a whole number of images "
+                    f"of {n} tokens."
+                )
+            open_after[request] = unfinished if run_end == end else 0
+            row = run_end
+    return offsets, open_after
+
+
+@dataclass
+class Progress:
+    """What a request's earlier steps leave to its next one.
+
+    Attributes:
+        dropped: `(R, K)`, tokens each request has dropped per stage so far.
+        open_image_tokens: `(R,)`, placeholder tokens of an image a step cut short (chunked prefill).
+    """
+
+    dropped: torch.LongTensor
+    open_image_tokens: torch.LongTensor
 
 
 def plan_stages(
@@ -103,23 +133,22 @@ def plan_stages(
     seq_lens: torch.LongTensor,
     block_table: torch.Tensor,
     block_size: int,
-    dropped_before: torch.LongTensor,
+    before: Progress,
     schedule: VisionSchedule,
-) -> list[StagePlan]:
-    """The plan of every stage after the first for one step (all tensors on the CPU).
+) -> tuple[list[StagePlan], Progress]:
+    """The plan of every stage after the first for one step (all tensors on the CPU), and the requests' progress.
 
     Args:
         input_ids, positions: `(T,)`, the step's rows (rows past `query_start_loc[-1]` are padding and are kept).
         query_start_loc: `(R + 1,)`; seq_lens: `(R,)`; block_table: `(R, max_blocks)`, as in vLLM's metadata.
         block_size: tokens per block of `block_table`.
-        dropped_before: `(R, K)`, tokens each request dropped per stage in earlier steps (`DroppedTokens`).
+        before: the requests' progress after their earlier steps (`RequestProgress`).
     """
     num_rows, num_reqs = len(input_ids), len(seq_lens)
     query_lens = query_start_loc[1:] - query_start_loc[:-1]
     num_real = int(query_start_loc[-1])
-    request_of_row = torch.full((num_rows,), -1, dtype=torch.long)
-    request_of_row[:num_real] = torch.repeat_interleave(torch.arange(num_reqs), query_lens)
-    offsets = image_offsets(input_ids, request_of_row, schedule)
+    request_of_row = torch.repeat_interleave(torch.arange(num_reqs), query_lens)
+    offsets, open_after = image_offsets(input_ids, query_start_loc, before.open_image_tokens, schedule)
     is_vision = offsets >= 0
     plans, previous_rows = [], torch.arange(num_rows)
     for stage, alive in enumerate(schedule.alive):
@@ -127,55 +156,58 @@ def plan_stages(
         dropped_rows = (~kept).long()
         # Tokens a request dropped in this step before each row (the request's rows are contiguous).
         dropped_cumulative = torch.cumsum(dropped_rows, 0) - dropped_rows
-        request_start = query_start_loc[:-1]
         dropped_in_step = torch.zeros(num_reqs, dtype=torch.long).index_add_(
-            0, request_of_row[:num_real], dropped_rows[:num_real]
+            0, request_of_row, dropped_rows[:num_real]
         )
         rows = torch.nonzero(kept).squeeze(1)
         real = rows[rows < num_real]
         request = request_of_row[real]
-        start_drops = dropped_cumulative[request_start[request]]
-        compact = positions[real] - dropped_before[request, stage] - (dropped_cumulative[real] - start_drops)
+        dropped_earlier_in_step = dropped_cumulative[real] - dropped_cumulative[query_start_loc[request]]
+        compact = positions[real] - before.dropped[request, stage] - dropped_earlier_in_step
         slots = torch.full((len(rows),), -1, dtype=torch.long)
         block = block_table[request, compact // block_size].long()
         slots[: len(real)] = block * block_size + compact % block_size
-        kept_query_lens = query_lens - dropped_in_step
-        dropped = dropped_before[:, stage] + dropped_in_step
+        dropped = before.dropped[:, stage] + dropped_in_step
         plans.append(
             StagePlan(
                 keep=torch.searchsorted(previous_rows, rows),
                 rows=rows,
-                query_start_loc=torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(kept_query_lens, 0)]),
+                query_start_loc=torch.cat(
+                    [torch.zeros(1, dtype=torch.long), torch.cumsum(query_lens - dropped_in_step, 0)]
+                ),
                 seq_lens=seq_lens.long() - dropped,
                 slot_mapping=slots,
                 dropped=dropped,
             )
         )
         previous_rows = rows
-    return plans
+    after = Progress(torch.stack([plan.dropped for plan in plans], dim=1), open_after)
+    return plans, after
 
 
-class DroppedTokens:
-    """How many tokens each running request has dropped per stage, across the steps of its prefill.
+class RequestProgress:
+    """Each running request's `Progress` across the steps of its prefill.
 
     vLLM's model forward sees no request ids, so a request is named by the first block of its block table, which
     stays its own while it runs. A request whose step starts at position 0 is new (or recomputed after preemption):
-    its count restarts at zero, so a block reused by a later request never inherits a stale count.
+    it starts from nothing, so a block reused by a later request never passes on a stale count.
     """
 
     def __init__(self, num_stages: int) -> None:
         self.num_stages = num_stages
-        self.by_first_block: dict[int, list[int]] = {}
+        self.by_first_block: dict[int, tuple[list[int], int]] = {}
 
-    def before(self, first_blocks: list[int], first_positions: list[int]) -> torch.LongTensor:
-        """`(R, K)`: tokens dropped per stage before this step, by request."""
-        counts = [
-            [0] * self.num_stages if position == 0 else self.by_first_block.get(block, [0] * self.num_stages)
+    def before(self, first_blocks: list[int], first_positions: list[int]) -> Progress:
+        fresh = ([0] * self.num_stages, 0)
+        known = [
+            fresh if position == 0 else self.by_first_block.get(block, fresh)
             for block, position in zip(first_blocks, first_positions, strict=True)
         ]
-        return torch.tensor(counts, dtype=torch.long).reshape(len(first_blocks), self.num_stages)
+        dropped = torch.tensor([counts for counts, _ in known], dtype=torch.long).reshape(-1, self.num_stages)
+        return Progress(dropped, torch.tensor([open_tokens for _, open_tokens in known], dtype=torch.long))
 
-    def update(self, first_blocks: list[int], dropped: torch.LongTensor) -> None:
-        """Record `(R, K)` totals after this step."""
-        for block, counts in zip(first_blocks, dropped.tolist(), strict=True):
-            self.by_first_block[block] = counts
+    def update(self, first_blocks: list[int], after: Progress) -> None:
+        for block, counts, open_tokens in zip(
+            first_blocks, after.dropped.tolist(), after.open_image_tokens.tolist(), strict=True
+        ):
+            self.by_first_block[block] = (counts, open_tokens)

@@ -1,0 +1,119 @@
+"""ADSC-LLaVA in vLLM against `AdscLlavaForConditionalGeneration.generate`, token for token, on a tiny checkpoint.
+
+Every prompt goes into one `LLM.generate` call, so requests with and without images, of different lengths, share the
+engine's steps. fp32 on both sides.
+"""
+
+import contextlib
+import gc
+
+import pytest
+from PIL import Image
+from vllm import LLM, SamplingParams
+from vllm.distributed import cleanup_dist_env_and_memory
+
+import vllm_adsc
+
+TOP_LOGPROBS = 5
+
+
+@contextlib.contextmanager
+def engine(path: str, **overrides):
+    options = dict(
+        dtype="float32",
+        enforce_eager=True,
+        enable_prefix_caching=False,
+        max_model_len=512,
+        max_num_seqs=8,
+        limit_mm_per_prompt={"image": 2},
+        seed=0,
+    )
+    llm = LLM(model=path, trust_remote_code=True, **(options | overrides))
+    try:
+        yield llm
+    finally:
+        del llm
+        gc.collect()
+        cleanup_dist_env_and_memory()
+
+
+def vllm_prompts(reference: dict) -> list[dict]:
+    prompts = []
+    for prompt in reference["prompts"]:
+        images = [Image.open(path).convert("RGB") for path in prompt["images"]]
+        prompts.append({"prompt": prompt["prompt"]} | ({"multi_modal_data": {"image": images}} if images else {}))
+    return prompts
+
+
+def greedy(llm: LLM, reference: dict) -> list:
+    new_tokens = reference["new_tokens"]
+    # min_tokens: like HF's min_new_tokens, no end-of-sequence token before `new_tokens`.
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, min_tokens=new_tokens, logprobs=TOP_LOGPROBS)
+    return llm.generate(vllm_prompts(reference), params, use_tqdm=False)
+
+
+def compare(hf_answers: list[dict], outputs: list) -> int:
+    """Assert vLLM's greedy tokens equal HF's; returns how many answers diverged at a near tie.
+
+    A divergence is accepted only as vLLM's own HF comparison (`check_logprobs_close`) accepts it: at the first
+    differing step each side's token is among the other side's top log-probabilities; the answers are not compared
+    after it. Up to there, the log-probabilities of the chosen tokens agree to 1e-3.
+    """
+    swaps = 0
+    for index, (hf, output) in enumerate(zip(hf_answers, outputs, strict=True)):
+        assert list(output.prompt_token_ids) == hf["prompt_ids"], f"prompt {index}: the processors disagree"
+        completion = output.outputs[0]
+        for step, (hf_token, vllm_token) in enumerate(zip(hf["output_ids"], completion.token_ids, strict=True)):
+            vllm_logprobs = completion.logprobs[step]
+            if hf_token != vllm_token:
+                hf_top = {int(token) for token in hf["top_logprobs"][step]}
+                assert vllm_token in hf_top and hf_token in vllm_logprobs, (
+                    f"prompt {index}, step {step}: HF {hf['output_ids']} vs vLLM {list(completion.token_ids)}"
+                )
+                swaps += 1
+                break
+            assert vllm_logprobs[vllm_token].logprob == pytest.approx(hf["chosen_logprobs"][step], abs=1e-3)
+    return swaps
+
+
+def test_plugin_registers_through_its_entry_point():
+    from vllm import ModelRegistry
+    from vllm.plugins import load_general_plugins
+
+    load_general_plugins()
+    assert vllm_adsc.ARCHITECTURE in ModelRegistry.get_supported_archs()
+
+
+@pytest.mark.parametrize("checkpoint", ["adsc", "adsc-empty", "stock"])
+def test_greedy_answers_equal_hf(reference, checkpoint):
+    """ADSC with its schedule; with the schedule emptied; and stock LLaVA in stock vLLM (the engine's own gap)."""
+    answers = reference["checkpoints"][checkpoint]
+    with engine(answers["path"]) as llm:
+        swaps = compare(answers["answers"], greedy(llm, reference))
+    print(f"{checkpoint}: {swaps} of {len(answers['answers'])} answers diverged at a near tie")
+    assert swaps == 0
+
+
+def test_adsc_and_stock_differ_where_images_are_pruned(reference):
+    """The comparison above can fail: pruning changes some answers (those with images), never text-only ones."""
+    adsc, stock = (reference["checkpoints"][name]["answers"] for name in ("adsc", "stock"))
+    differs = [a["output_ids"] != s["output_ids"] for a, s in zip(adsc, stock, strict=True)]
+    with_images = [bool(prompt["images"]) for prompt in reference["prompts"]]
+    assert any(differs) and not any(d and not i for d, i in zip(differs, with_images, strict=True))
+
+
+def test_chunked_prefill_cutting_images_equals_hf(reference):
+    """Steps of 16 tokens cut the 36-token images between steps; stages carry each request's progress across them."""
+    answers = reference["checkpoints"]["adsc"]
+    with engine(answers["path"], max_num_batched_tokens=16, max_num_seqs=4) as llm:
+        assert compare(answers["answers"], greedy(llm, reference)) == 0
+
+
+def test_deeper_stages_compute_on_fewer_rows(reference):
+    """One prompt with one image: 36 vision tokens, then 18 from layer 1, then 9 from layer 3; text rows stay."""
+    prompt = reference["prompts"][0]
+    num_text = len(reference["checkpoints"]["adsc"]["answers"][0]["prompt_ids"]) - 36
+    with engine(reference["checkpoints"]["adsc"]["path"]) as llm:
+        llm.generate(vllm_prompts({"prompts": [prompt]}), SamplingParams(max_tokens=1), use_tqdm=False)
+        rows = llm.apply_model(lambda model: model.stage_rows)[0]
+    assert rows == [num_text + 36, num_text + 18, num_text + 9]

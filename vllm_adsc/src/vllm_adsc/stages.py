@@ -53,7 +53,8 @@ class StagePlan:
         rows: the step's rows this stage computes on (indices into the step's rows), `(t_s,)`.
         query_start_loc: `(num_reqs + 1,)`, the stage's rows of each request.
         seq_lens: `(num_reqs,)`, tokens each request's stage layers have cached after this step.
-        slot_mapping: `(t_s,)`, the cache slot each kept row writes (its compact index in the request's block table).
+        request: `(t_s,)`, the request of each row (-1 for padding rows).
+        compact: `(t_s,)`, each row's compact index: where it goes in its request's packed stage cache.
         dropped: `(num_reqs,)`, tokens each request has dropped in this stage, this step included.
     """
 
@@ -61,8 +62,24 @@ class StagePlan:
     rows: torch.LongTensor
     query_start_loc: torch.LongTensor
     seq_lens: torch.LongTensor
-    slot_mapping: torch.LongTensor
+    request: torch.LongTensor
+    compact: torch.LongTensor
     dropped: torch.LongTensor
+
+    def slot_mapping(self, block_table: torch.Tensor, block_size: int) -> torch.LongTensor:
+        """`(t_s,)`: the cache slot each row writes in a KV cache group whose block table is `block_table`."""
+        return slot_mapping(self.request, self.compact, block_table, block_size)
+
+
+def slot_mapping(
+    request: torch.LongTensor, index: torch.LongTensor, block_table: torch.Tensor, block_size: int
+) -> torch.LongTensor:
+    """Cache slots of the tokens at `index` (compact indices, or positions) of requests `request` (-1: padding rows,
+    which get slot -1), for a block table `(num_reqs, max_blocks)` of blocks of `block_size` tokens."""
+    real = request >= 0
+    slots = torch.full_like(index, -1)
+    slots[real] = block_table[request[real], index[real] // block_size].long() * block_size + index[real] % block_size
+    return slots
 
 
 def image_offsets(
@@ -131,8 +148,6 @@ def plan_stages(
     positions: torch.LongTensor,
     query_start_loc: torch.LongTensor,
     seq_lens: torch.LongTensor,
-    block_table: torch.Tensor,
-    block_size: int,
     before: Progress,
     schedule: VisionSchedule,
 ) -> tuple[list[StagePlan], Progress]:
@@ -140,8 +155,7 @@ def plan_stages(
 
     Args:
         input_ids, positions: `(T,)`, the step's rows (rows past `query_start_loc[-1]` are padding and are kept).
-        query_start_loc: `(R + 1,)`; seq_lens: `(R,)`; block_table: `(R, max_blocks)`, as in vLLM's metadata.
-        block_size: tokens per block of `block_table`.
+        query_start_loc: `(R + 1,)`; seq_lens: `(R,)`, as in vLLM's metadata.
         before: the requests' progress after their earlier steps (`RequestProgress`).
     """
     num_rows, num_reqs = len(input_ids), len(seq_lens)
@@ -163,10 +177,8 @@ def plan_stages(
         real = rows[rows < num_real]
         request = request_of_row[real]
         dropped_earlier_in_step = dropped_cumulative[real] - dropped_cumulative[query_start_loc[request]]
-        compact = positions[real] - before.dropped[request, stage] - dropped_earlier_in_step
-        slots = torch.full((len(rows),), -1, dtype=torch.long)
-        block = block_table[request, compact // block_size].long()
-        slots[: len(real)] = block * block_size + compact % block_size
+        compact = torch.full((len(rows),), -1, dtype=torch.long)
+        compact[: len(real)] = positions[real] - before.dropped[request, stage] - dropped_earlier_in_step
         dropped = before.dropped[:, stage] + dropped_in_step
         plans.append(
             StagePlan(
@@ -176,7 +188,8 @@ def plan_stages(
                     [torch.zeros(1, dtype=torch.long), torch.cumsum(query_lens - dropped_in_step, 0)]
                 ),
                 seq_lens=seq_lens.long() - dropped,
-                slot_mapping=slots,
+                request=torch.cat([request, torch.full((len(rows) - len(real),), -1, dtype=torch.long)]),
+                compact=compact,
                 dropped=dropped,
             )
         )

@@ -11,15 +11,17 @@ token ids and `generate`'s greedy token ids (fp32, one prompt at a time).
 import json
 import random
 import re
+import shutil
 import sys
 from pathlib import Path
 
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from transformers import LlavaForConditionalGeneration
+from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-from adsc_llava import AdscLlavaConfig, AdscLlavaForConditionalGeneration
+from adsc_llava import AdscLlavaConfig, AdscLlavaForConditionalGeneration, shipped_file
+from adsc_llava.cost import CONFIGS_DIR
 from adsc_llava.testing import build_tiny_processor, tiny_llava_config_for
 
 IMAGE_SIZE, PATCH_SIZE = 48, 8  # 36 vision tokens per image
@@ -130,7 +132,19 @@ def main(out: Path) -> None:
                 }
             )
         reference["checkpoints"][name] = {"path": str(folder), "answers": answers}
+    reference["llava_7b"] = save_7b_config(out / "llava-1.5-7b-adsc")
     (out / "reference.json").write_text(json.dumps(reference, indent=1))
+
+
+def save_7b_config(folder: Path) -> dict:
+    """An ADSC config of LLaVA-1.5-7B's shape at budget 192 (no weights), and the vision tokens of one image that
+    each of its layers sees, per the HF model's schedule."""
+    config = AdscLlavaConfig.from_llava_config(
+        LlavaConfig.from_json_file(CONFIGS_DIR / "llava-1.5-7b.json"), budget=192
+    )
+    config.save_pretrained(folder)
+    shutil.copy(shipped_file("configuration_adsc_llava.py"), folder)
+    return {"path": str(folder), "vision_tokens_per_layer": config.vision_tokens_per_layer()}
 
 
 if __name__ == "__main__":

@@ -203,3 +203,25 @@ def test_each_stage_allocates_blocks_for_the_tokens_it_keeps(reference):
             tokens = [request.num_prompt_tokens - num_images * (36 - kept) for kept in kept_per_image]
             blocks = [len(manager.req_to_blocks[request_id]) for manager in managers]
             assert blocks == [ceil(tokens[group.kv_cache_spec.stage] / block_size) for group in groups], request_id
+
+
+def test_llava_7b_stage_groups_and_blocks(reference):
+    """LLaVA-1.5-7B's shape at budget 192: vLLM makes 16 groups of 2 layers (stages of 2, 6, 8, 8, 8 layers) and a
+    request of one image and 64 text tokens holds, in each, the blocks for its text plus the vision tokens the HF
+    model's schedule keeps at that depth."""
+    from math import ceil
+
+    from transformers import AutoConfig
+
+    from vllm_adsc.blocks import request_blocks
+
+    llava_7b = reference["llava_7b"]
+    config = AutoConfig.from_pretrained(llava_7b["path"], trust_remote_code=True)
+    stock = request_blocks(config.with_budget(None), "stock", 16, 576 + 64, [5])
+    adsc = request_blocks(config, "ADSC 192", 16, 576 + 64, [5])
+    assert stock.groups == [(0, 32)] and stock.blocks == [40]
+    assert sorted(adsc.groups) == [(0, 2)] + [(1, 2)] * 3 + [(2, 2)] * 4 + [(3, 2)] * 4 + [(4, 2)] * 4
+    first_layer_of_stage = [0, 2, 8, 16, 24]
+    tokens = [64 + llava_7b["vision_tokens_per_layer"][layer] for layer in first_layer_of_stage]
+    assert adsc.blocks == [ceil(tokens[stage] / 16) for stage, _ in adsc.groups]
+    assert 0.40 < adsc.kv_bytes / stock.kv_bytes < 0.42  # the HF model's cache holds 0.400 of stock's; blocks round up

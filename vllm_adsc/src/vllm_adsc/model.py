@@ -27,7 +27,15 @@ from vllm.model_executor.models.utils import WeightsMapper
 from vllm.v1.attention.backend import CommonAttentionMetadata
 
 from vllm_adsc.kv_cache import AdscStageSpec
-from vllm_adsc.stages import RequestProgress, StagePlan, VisionSchedule, plan_stages, slot_mapping
+from vllm_adsc.stages import (
+    RequestProgress,
+    StagePlan,
+    VisionSchedule,
+    dropped_prefixes,
+    layer_stages,
+    plan_stages,
+    slot_mapping,
+)
 
 
 class StageAttention(Attention):
@@ -43,13 +51,12 @@ class StageAttention(Attention):
 
 def tag_stages(attention_layers: list[Attention], schedule: VisionSchedule) -> None:
     """Make each layer a `StageAttention` of its stage (a subclass that adds one method: its state is unchanged)."""
-    not_alive = [torch.zeros(schedule.tokens_per_image, dtype=torch.bool), *(~alive for alive in schedule.alive)]
-    stage = 0
-    for index, layer in enumerate(attention_layers):
-        stage += index in schedule.pruning_layers
+    prefixes = dropped_prefixes(schedule)
+    for layer, stage in zip(
+        attention_layers, layer_stages(len(attention_layers), schedule.pruning_layers), strict=True
+    ):
         layer.__class__ = StageAttention
-        layer.adsc_stage = stage
-        layer.adsc_dropped_prefix = (0, *torch.cumsum(not_alive[stage].long(), 0).tolist())
+        layer.adsc_stage, layer.adsc_dropped_prefix = stage, prefixes[stage]
 
 
 class StageMetadata:
@@ -123,12 +130,7 @@ class AdscLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         config = vllm_config.model_config.hf_config
         if get_pp_group().world_size > 1:
             raise NotImplementedError("ADSC-LLaVA in vLLM does not support pipeline parallelism yet.")
-        self.schedule = VisionSchedule.from_offsets(
-            image_token_id=config.image_token_index,
-            tokens_per_image=config.image_seq_length,
-            pruning_layers=config.adsc_pruning_layers,
-            surviving_offsets=config.surviving_vision_offsets(config.image_seq_length),
-        )
+        self.schedule = VisionSchedule.from_config(config)
         attention_layers = [layer.self_attn.attn for layer in self.language_model.model.layers]
         if self.schedule.pruning_layers:
             tag_stages(attention_layers, self.schedule)

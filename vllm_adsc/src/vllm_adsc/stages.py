@@ -37,11 +37,34 @@ class VisionSchedule:
     alive: torch.BoolTensor
 
     @classmethod
+    def from_config(cls, config) -> "VisionSchedule":
+        """The schedule of an `AdscLlavaConfig` (LLaVA-1.5: every image has `image_seq_length` tokens)."""
+        return cls.from_offsets(
+            config.image_token_index,
+            config.image_seq_length,
+            config.adsc_pruning_layers,
+            config.surviving_vision_offsets(config.image_seq_length),
+        )
+
+    @classmethod
     def from_offsets(cls, image_token_id: int, tokens_per_image: int, pruning_layers, surviving_offsets):
         alive = torch.zeros(len(pruning_layers), tokens_per_image, dtype=torch.bool)
         for stage, offsets in enumerate(surviving_offsets):
             alive[stage, offsets] = True
         return cls(image_token_id, tokens_per_image, tuple(pruning_layers), alive)
+
+
+def layer_stages(num_layers: int, pruning_layers: tuple[int, ...]) -> list[int]:
+    """The stage of each decoder layer: 0 before the first pruning layer, `s` from the `s`-th one on."""
+    return [sum(layer >= pruning for pruning in pruning_layers) for layer in range(num_layers)]
+
+
+def dropped_prefixes(schedule: VisionSchedule) -> list[tuple[int, ...]]:
+    """For each stage, how many of an image's first `j` placeholder tokens it has dropped, `j = 0 .. n`."""
+    prefixes = [(0,) * (schedule.tokens_per_image + 1)]
+    for alive in schedule.alive:
+        prefixes.append((0, *torch.cumsum((~alive).long(), 0).tolist()))
+    return prefixes
 
 
 @dataclass

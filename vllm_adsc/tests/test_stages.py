@@ -13,9 +13,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from vllm_adsc.stages import Progress, RequestProgress, VisionSchedule, image_offsets, plan_stages  # noqa: E402
-
 from configuration_adsc_llava import AdscLlavaConfig, uniform_keep_positions  # noqa: E402
+from vllm_adsc.stages import Progress, RequestProgress, VisionSchedule, image_offsets, plan_stages  # noqa: E402
 
 IMAGE = 7  # placeholder id
 BLOCK = 4  # tokens per KV block

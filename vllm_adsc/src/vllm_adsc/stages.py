@@ -120,36 +120,33 @@ def image_offsets(
     Returns:
         offsets `(T,)`, and the placeholder tokens of an image each request leaves unfinished, `(R,)`.
     """
-    n = schedule.tokens_per_image
-    offsets = torch.full_like(input_ids, -1)
-    open_after = torch.zeros_like(open_image_tokens)
-    is_vision = (input_ids == schedule.image_token_id).tolist()
-    for request, (start, end) in enumerate(
-        zip(query_start_loc[:-1].tolist(), query_start_loc[1:].tolist(), strict=True)
-    ):
-        carried = int(open_image_tokens[request])
-        if carried and (start == end or not is_vision[start]):
-            raise ValueError(
-                f"request {request} left an image after {carried} of its {n} tokens, then went on with text."
-            )
-        row = start
-        while row < end:
-            if not is_vision[row]:
-                row += 1
-                continue
-            run_end = row
-            while run_end < end and is_vision[run_end]:
-                run_end += 1
-            first = carried if row == start else 0
-            offsets[row:run_end] = torch.arange(first, first + run_end - row) % n
-            unfinished = (first + run_end - row) % n
-            if unfinished and run_end < end:
-                raise ValueError(
-                    f"a run of {first + run_end - row} image placeholder tokens is not a whole number of images "
-                    f"of {n} tokens."
-                )
-            open_after[request] = unfinished if run_end == end else 0
-            row = run_end
+    n, num_reqs = schedule.tokens_per_image, len(query_start_loc) - 1
+    starts, ends = query_start_loc[:-1], query_start_loc[1:]
+    row = torch.arange(len(input_ids))
+    request_of_row = torch.full_like(input_ids, -1)
+    request_of_row[: int(ends[-1])] = torch.repeat_interleave(torch.arange(num_reqs), ends - starts)
+    is_vision = (input_ids == schedule.image_token_id) & (request_of_row >= 0)
+    first_is_vision = is_vision[starts.clamp(max=len(input_ids) - 1)] & (ends > starts)
+    if bool(((open_image_tokens > 0) & ~first_is_vision).any()):
+        raise ValueError("a request left an image unfinished, then went on with text.")
+    offsets, open_after = torch.full_like(input_ids, -1), torch.zeros_like(open_image_tokens)
+    continues_run = torch.zeros_like(is_vision)
+    continues_run[1:] = is_vision[:-1] & (request_of_row[1:] == request_of_row[:-1])
+    run_start = is_vision & ~continues_run
+    if not bool(run_start.any()):
+        return offsets, open_after
+    first_row = row[run_start]
+    run_request = request_of_row[first_row]
+    run_of_row = torch.cumsum(run_start.long(), 0) - 1
+    run_length = torch.bincount(run_of_row[is_vision], minlength=len(first_row))
+    # A run at the start of a request's rows continues the image its previous step left unfinished.
+    carried = torch.where(first_row == starts[run_request], open_image_tokens[run_request], 0)
+    offsets[is_vision] = (carried[run_of_row] + row - first_row[run_of_row])[is_vision] % n
+    unfinished = (carried + run_length) % n
+    at_request_end = first_row + run_length == ends[run_request]
+    if bool((unfinished.bool() & ~at_request_end).any()):
+        raise ValueError(f"a run of image placeholder tokens is not a whole number of images of {n} tokens.")
+    open_after[run_request[at_request_end]] = unfinished[at_request_end]
     return offsets, open_after
 
 

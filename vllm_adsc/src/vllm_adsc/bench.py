@@ -1,0 +1,114 @@
+"""Offline throughput in vLLM at a fixed KV cache memory: stock LLaVA vs ADSC at several budgets, same weights.
+
+    python -m vllm_adsc.bench CHECKPOINT IMAGE [--budgets 192 128 64] [--requests 64] [--kv-cache-mb 64]
+        [--output-tokens 32] [--dtype bfloat16] [--load-format dummy]
+
+One engine per schedule (stock is the empty schedule, the others re-solve `r` with `with_budget` and reach the model
+through `hf_overrides`), each given the same KV cache memory. All requests (the same image and question, a distinct
+request id) are queued at once; the engine steps until they are done. Printed per schedule: requests/s, output
+tokens/s, the most requests it ran at once, and the ratios to stock. `--load-format dummy` builds random weights in
+vLLM, so a config-only checkpoint (config, configuration file, processor files) is enough.
+"""
+
+import argparse
+import gc
+import time
+from dataclasses import dataclass
+
+from PIL import Image
+from transformers import AutoConfig
+from vllm import LLM, SamplingParams
+from vllm.distributed import cleanup_dist_env_and_memory
+
+
+@dataclass
+class Throughput:
+    name: str
+    seconds: float
+    requests: int
+    output_tokens: int
+    max_running: int
+
+    @property
+    def requests_per_second(self) -> float:
+        return self.requests / self.seconds
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.output_tokens / self.seconds
+
+
+def run_schedule(name: str, checkpoint: str, schedule: dict, prompt: dict, args: argparse.Namespace) -> Throughput:
+    llm = LLM(
+        model=checkpoint,
+        trust_remote_code=True,
+        hf_overrides=schedule,
+        dtype=args.dtype,
+        load_format=args.load_format,
+        kv_cache_memory_bytes=int(args.kv_cache_mb * 2**20),
+        block_size=args.block_size,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.requests,
+        enable_prefix_caching=False,
+        enforce_eager=args.enforce_eager,
+        seed=0,
+    )
+    try:
+        engine = llm.llm_engine
+        params = SamplingParams(temperature=0, max_tokens=args.output_tokens, ignore_eos=True)
+        engine.add_request("warm-up", prompt, params)
+        while engine.has_unfinished_requests():
+            engine.step()
+        scheduler = getattr(getattr(engine.engine_core, "engine_core", None), "scheduler", None)
+        started, output_tokens, max_running = time.perf_counter(), 0, 0
+        for index in range(args.requests):
+            engine.add_request(str(index), prompt, params)
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                if output.finished:
+                    output_tokens += len(output.outputs[0].token_ids)
+            if scheduler is not None:
+                max_running = max(max_running, len(scheduler.running))
+        return Throughput(name, time.perf_counter() - started, args.requests, output_tokens, max_running)
+    finally:
+        del llm
+        gc.collect()
+        cleanup_dist_env_and_memory()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m vllm_adsc.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="an ADSC-LLaVA checkpoint folder")
+    parser.add_argument("image", help="the image every request asks about")
+    parser.add_argument("--budgets", type=float, nargs="*", default=[192, 128, 64])
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--output-tokens", type=int, default=32)
+    parser.add_argument("--kv-cache-mb", type=float, default=64, help="KV cache memory of every engine")
+    parser.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default: vLLM's)")
+    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--load-format", default="auto", help="'dummy': random weights built by vLLM")
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (always so on the CPU)")
+    parser.add_argument("--question", default="What is in the image?")
+    args = parser.parse_args(argv)
+    config = AutoConfig.from_pretrained(args.checkpoint, trust_remote_code=True)
+    prompt = {
+        "prompt": f"USER: <image>\n{args.question} ASSISTANT:",
+        "multi_modal_data": {"image": Image.open(args.image).convert("RGB")},
+    }
+    schedules = [("stock", config.with_budget(None).schedule)]
+    schedules += [(f"ADSC {budget:g}", config.with_budget(budget).schedule) for budget in args.budgets]
+    results = [run_schedule(name, args.checkpoint, schedule, prompt, args) for name, schedule in schedules]
+    print(f"{args.requests} requests (one image, {args.output_tokens} output tokens), KV cache {args.kv_cache_mb} MB")
+    print(f"{'schedule':<10} {'requests/s':>10} {'tokens/s':>9} {'x stock':>8} {'max running':>11} {'x stock':>8}")
+    stock = results[0]
+    for result in results:
+        print(
+            f"{result.name:<10} {result.requests_per_second:>10.2f} {result.tokens_per_second:>9.1f} "
+            f"{result.tokens_per_second / stock.tokens_per_second:>8.2f} {result.max_running:>11} "
+            f"{result.max_running / max(stock.max_running, 1):>8.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

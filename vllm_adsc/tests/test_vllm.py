@@ -97,6 +97,13 @@ def test_greedy_answers_equal_hf(reference, checkpoint, block_size):
     assert swaps == 0
 
 
+def test_compiled_language_model_equals_hf(reference):
+    """Without enforce_eager vLLM compiles the language model: steps that drop nothing (decode) run it compiled."""
+    answers = reference["checkpoints"]["adsc"]
+    with engine(answers["path"], enforce_eager=False) as llm:
+        assert compare(answers["answers"], greedy(llm, reference)) == 0
+
+
 def test_adsc_and_stock_differ_where_images_are_pruned(reference):
     """The comparison above can fail: pruning changes some answers (those with images), never text-only ones."""
     adsc, stock = (reference["checkpoints"][name]["answers"] for name in ("adsc", "stock"))

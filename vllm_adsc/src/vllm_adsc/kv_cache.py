@@ -9,14 +9,15 @@ blocks a request needs. Here:
 - `AdscStageManager`: full attention's manager, asked for `stage_tokens(request, n)` slots instead of `n`;
 - `AdscScheduler`: vLLM's scheduler, lending its managers the live requests, whose image placeholder ranges say how
   many of a request's first `n` tokens a stage drops;
-- `AdscConfigHook`: selects that scheduler (and turns prefix caching off) when vLLM builds its config for an
-  ADSC checkpoint.
+- `AdscConfigHook`: selects that scheduler (and turns prefix caching and full CUDA graphs off) when vLLM builds its
+  config for an ADSC checkpoint.
 
 The model (`model.AdscLlavaForConditionalGeneration`) packs each stage's tokens into those blocks in the same order.
 """
 
 from dataclasses import dataclass
 
+from vllm.config import CUDAGraphMode
 from vllm.logger import init_logger
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
@@ -144,6 +145,11 @@ class AdscConfigHook:
                 f"ADSC-LLaVA needs its scheduler ({SCHEDULER}) for per-stage KV blocks, but --scheduler-cls is "
                 f"{scheduler_config.scheduler_cls}."
             )
+        compilation_config = vllm_config.compilation_config
+        if compilation_config.cudagraph_mode is None or compilation_config.cudagraph_mode.has_full_cudagraphs():
+            # Each step's stage metadata is built in Python: a graph that captured attention would replay another's.
+            logger.info("ADSC-LLaVA: CUDA graphs capture everything but attention (PIECEWISE).")
+            compilation_config.cudagraph_mode = CUDAGraphMode.PIECEWISE
         if vllm_config.cache_config.enable_prefix_caching:
             # A cache hit would start a request past its images, and stage groups cache no block hashes yet.
             logger.info("ADSC-LLaVA: prefix caching is not supported yet; turning it off.")

@@ -10,6 +10,9 @@ The delta over `vllm.model_executor.models.llava.LlavaForConditionalGeneration` 
         hidden, residual = layer(positions[rows], hidden, residual)                       # original positions
     output of every row = its state after the last layer it reached, then the final norm (as the HF model)
 
+Steps that drop nothing (decode steps, text-only prefills) run vLLM's compiled language model as it is, each stage's
+layers reading their own metadata from the forward context.
+
 and the KV cache spec of each layer, which names its stage (`kv_cache.AdscStageSpec`), so that each stage's layers
 get KV cache groups sized by the tokens the stage keeps. The vision tower, projector, processor and sampler are
 vLLM's own.
@@ -191,6 +194,12 @@ class AdscLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             self.stage_rows = [len(hidden)] * (len(self.schedule.pruning_layers) + 1)
             return language_model(input_ids, positions, intermediate_tensors, inputs_embeds=hidden)
         self.stage_rows = [len(hidden), *(len(plan.rows) for plan in plans)]
+        if self.stage_rows[-1] == len(hidden):
+            # Nothing dropped in this step (decode, text-only prefill): the stages differ only in where their caches
+            # are, so the engine's own (compiled, graph-captured) language model runs with each stage's metadata.
+            for stage, plan in enumerate(plans):
+                self.stage_metadata.install(stage + 1, plan, positions, self.block_size)
+            return language_model(input_ids, positions, intermediate_tensors, inputs_embeds=hidden)
         stage_of_layer = {layer: stage for stage, layer in enumerate(self.schedule.pruning_layers)}
         # Each row's output is its state when it left (dropped, or after the last layer), as in the HF model.
         final_hidden, final_residual = torch.empty_like(hidden), torch.empty_like(hidden)

@@ -1,4 +1,8 @@
-"""vLLM on the CPU, in this process, offline; the HF side of every comparison comes from the project's environment."""
+"""The `reference` fixture (HF's side of every comparison, from the project's environment) and the settings for vLLM
+on the CPU, in this process, offline.
+
+A pytest plugin (`-p vllm_reference` in vllm_adsc/pyproject.toml), not a conftest.py: `.ci/run` collects
+`test_stages.py` from this folder beside the project's own tests, whose conftest module a second one would shadow."""
 
 import json
 import os

@@ -56,9 +56,13 @@ def run_schedule(name: str, checkpoint: str, schedule: dict, prompt: dict, args:
     try:
         engine = llm.llm_engine
         params = SamplingParams(temperature=0, max_tokens=args.output_tokens, ignore_eos=True)
-        engine.add_request("warm-up", prompt, params)
-        while engine.has_unfinished_requests():
-            engine.step()
+        # Two warm-up rounds of different sizes: torch.compile specialises on the first shapes it sees, and
+        # recompiles once for dynamic ones.
+        for round_size in (1, 2):
+            for index in range(round_size):
+                engine.add_request(f"warm-up-{round_size}-{index}", prompt, params)
+            while engine.has_unfinished_requests():
+                engine.step()
         scheduler = getattr(getattr(engine.engine_core, "engine_core", None), "scheduler", None)
         started, output_tokens, max_running = time.perf_counter(), 0, 0
         for index in range(args.requests):

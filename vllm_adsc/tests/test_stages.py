@@ -30,9 +30,7 @@ def schedule_for(tokens_per_image: int, pruning_layers: list[int], drop_ratio: f
             "adsc_drop_ratio": drop_ratio,
         }
     )
-    return VisionSchedule.from_offsets(
-        IMAGE, tokens_per_image, pruning_layers, config.surviving_vision_offsets(tokens_per_image)
-    )
+    return VisionSchedule.from_config(config)
 
 
 def naive_kept_positions(token_ids: list[int], tokens_per_image: int, num_stages: int, drop_ratio: float):
@@ -72,19 +70,18 @@ def test_surviving_offsets_follow_the_counts_of_the_schedule():
 
 
 def test_image_offsets_split_runs_into_images_and_continue_a_cut_image():
-    schedule = schedule_for(4, [1], 0.5)
     ids = torch.tensor([1, IMAGE, IMAGE, IMAGE, IMAGE, IMAGE, IMAGE, IMAGE, IMAGE, 3, IMAGE, IMAGE, IMAGE, IMAGE])
-    offsets, open_after = image_offsets(ids, torch.tensor([0, 10, 14]), torch.tensor([0, 0]), schedule)
+    offsets, open_after = image_offsets(ids == IMAGE, torch.tensor([0, 10, 14]), torch.tensor([0, 0]), 4)
     assert offsets.tolist() == [-1, 0, 1, 2, 3, 0, 1, 2, 3, -1, 0, 1, 2, 3] and open_after.tolist() == [0, 0]
     # A step that ends two tokens into the second image, then the step that finishes it.
-    offsets, open_after = image_offsets(ids[:7], torch.tensor([0, 7]), torch.tensor([0]), schedule)
+    offsets, open_after = image_offsets(ids[:7] == IMAGE, torch.tensor([0, 7]), torch.tensor([0]), 4)
     assert offsets[5:].tolist() == [0, 1] and open_after.tolist() == [2]
-    offsets, open_after = image_offsets(ids[7:10], torch.tensor([0, 3]), open_after, schedule)
+    offsets, open_after = image_offsets(ids[7:10] == IMAGE, torch.tensor([0, 3]), open_after, 4)
     assert offsets.tolist() == [2, 3, -1] and open_after.tolist() == [0]
     with pytest.raises(ValueError, match="went on with text"):
-        image_offsets(ids[9:], torch.tensor([0, 5]), torch.tensor([2]), schedule)
+        image_offsets(ids[9:] == IMAGE, torch.tensor([0, 5]), torch.tensor([2]), 4)
     with pytest.raises(ValueError, match="not a whole number of images"):
-        image_offsets(ids[2:], torch.tensor([0, 12]), torch.tensor([0]), schedule)
+        image_offsets(ids[2:] == IMAGE, torch.tensor([0, 12]), torch.tensor([0]), 4)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -121,7 +118,7 @@ def test_plans_of_concurrent_requests_match_a_whole_sequence_replay(seed):
         query_start_loc = torch.tensor([0, *torch.cumsum(torch.tensor(query_lens), 0).tolist()])
         starts = [positions[int(q)] for q in query_start_loc[:-1]]
         plans, after = plan_stages(
-            torch.tensor(input_ids),
+            torch.tensor(input_ids) == IMAGE,
             torch.tensor(positions),
             query_start_loc,
             torch.tensor([r["done"] for r in step]),
@@ -131,8 +128,8 @@ def test_plans_of_concurrent_requests_match_a_whole_sequence_replay(seed):
         progress.update(first_blocks, after)
         previous = torch.arange(len(input_ids))
         for stage, plan in enumerate(plans):
-            assert torch.equal(previous[plan.keep], plan.rows)
-            previous = plan.rows
+            assert plan.stage == stage + 1 and torch.equal(previous[plan.from_previous], plan.step_rows)
+            previous = plan.step_rows
             expected_rows, expected_slots, expected_lens = [], [], []
             for index, r in enumerate(step):
                 kept = naive_kept_positions(r["ids"][: r["done"]], tokens_per_image, len(layers), drop_ratio)[stage]
@@ -143,7 +140,7 @@ def test_plans_of_concurrent_requests_match_a_whole_sequence_replay(seed):
                         block, offset = divmod(compact, BLOCK)
                         expected_slots.append(r["blocks"][block] * BLOCK + offset)
                 expected_lens.append(len(kept))
-            assert plan.rows.tolist() == expected_rows
+            assert plan.step_rows.tolist() == expected_rows
             assert plan.slot_mapping(block_table, BLOCK).tolist() == expected_slots
             assert plan.seq_lens.tolist() == expected_lens
             assert plan.query_start_loc[-1] == len(expected_rows)

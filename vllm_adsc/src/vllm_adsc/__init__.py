@@ -17,4 +17,6 @@ def register() -> None:
     # vLLM has no public call for a model's config hook; its own models are listed in this table.
     from vllm_adsc.kv_cache import AdscConfigHook
 
-    MODELS_CONFIG_MAP.setdefault(ARCHITECTURE, AdscConfigHook)
+    hook = MODELS_CONFIG_MAP.setdefault(ARCHITECTURE, AdscConfigHook)
+    if hook is not AdscConfigHook:
+        raise RuntimeError(f"Another plugin registered a config hook for {ARCHITECTURE}: {hook}.")

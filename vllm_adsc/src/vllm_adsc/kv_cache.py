@@ -49,6 +49,8 @@ class AdscStageSpec(FullAttentionSpec):
     def merge(cls, specs: list["AdscStageSpec"]) -> "AdscStageSpec":
         if not all(isinstance(spec, AdscStageSpec) for spec in specs) or len({s.stage for s in specs}) != 1:
             raise AssertionError("ADSC stages never share a KV cache group.")
+        # Full attention's own merge (it checks the attention fields agree), called as FullAttentionSpec's: it builds
+        # `cls(...)` from those fields alone, which for this class would lose the stage.
         merged = FullAttentionSpec.merge.__func__(FullAttentionSpec, specs)
         return cls.from_spec(merged, specs[0].stage, specs[0].dropped_prefix)
 
@@ -150,8 +152,14 @@ class AdscConfigHook:
             # Each step's stage metadata is built in Python: a graph that captured attention would replay another's.
             logger.info("ADSC-LLaVA: CUDA graphs capture everything but attention (PIECEWISE).")
             compilation_config.cudagraph_mode = CUDAGraphMode.PIECEWISE
+        if vllm_config.kv_transfer_config is not None or vllm_config.parallel_config.decode_context_parallel_size > 1:
+            # Both start requests past their first token or split their positions, which the stage plan cannot see.
+            raise NotImplementedError(
+                "ADSC-LLaVA in vLLM supports neither KV transfer connectors nor context parallelism."
+            )
         if vllm_config.cache_config.enable_prefix_caching:
-            # A cache hit would start a request past its images, and stage groups cache no block hashes yet.
+            # A cache hit would start a request past its first token (the stage plan restarts a request's progress at
+            # position 0) and past its images, and stage groups cache no block hashes yet.
             logger.info("ADSC-LLaVA: prefix caching is not supported yet; turning it off.")
             vllm_config.cache_config.enable_prefix_caching = False
 

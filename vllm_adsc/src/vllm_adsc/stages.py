@@ -24,14 +24,12 @@ class VisionSchedule:
     """ADSC's schedule as the engine needs it.
 
     Attributes:
-        image_token_id: the placeholder id of vision tokens in `input_ids`.
         tokens_per_image: `n`, the placeholder tokens of one image (LLaVA-1.5: 576; every image has as many).
         pruning_layers: the first decoder layer of each stage after the first.
         alive: `alive[s][j]` is True when offset `j` of an image is still alive in stage `s + 1`, shape
             `(num_pruning_layers, tokens_per_image)`.
     """
 
-    image_token_id: int
     tokens_per_image: int
     pruning_layers: tuple[int, ...]
     alive: torch.BoolTensor
@@ -40,18 +38,17 @@ class VisionSchedule:
     def from_config(cls, config) -> "VisionSchedule":
         """The schedule of an `AdscLlavaConfig` (LLaVA-1.5: every image has `image_seq_length` tokens)."""
         return cls.from_offsets(
-            config.image_token_index,
             config.image_seq_length,
             config.adsc_pruning_layers,
             config.surviving_vision_offsets(config.image_seq_length),
         )
 
     @classmethod
-    def from_offsets(cls, image_token_id: int, tokens_per_image: int, pruning_layers, surviving_offsets):
+    def from_offsets(cls, tokens_per_image: int, pruning_layers, surviving_offsets) -> "VisionSchedule":
         alive = torch.zeros(len(pruning_layers), tokens_per_image, dtype=torch.bool)
         for stage, offsets in enumerate(surviving_offsets):
             alive[stage, offsets] = True
-        return cls(image_token_id, tokens_per_image, tuple(pruning_layers), alive)
+        return cls(tokens_per_image, tuple(pruning_layers), alive)
 
 
 def layer_stages(num_layers: int, pruning_layers: tuple[int, ...]) -> list[int]:
@@ -72,8 +69,9 @@ class StagePlan:
     """The rows one stage computes on, and its packed attention layout.
 
     Attributes:
-        keep: rows of the previous stage that this stage keeps (indices into the previous stage's rows), `(t_s,)`.
-        rows: the step's rows this stage computes on (indices into the step's rows), `(t_s,)`.
+        stage: `s`, the stage (1 for the layers from the first pruning layer on).
+        from_previous: which of the previous stage's rows this stage keeps (indices into them), `(t_s,)`.
+        step_rows: the step's rows this stage computes on (indices into all the step's rows), `(t_s,)`.
         query_start_loc: `(num_reqs + 1,)`, the stage's rows of each request.
         seq_lens: `(num_reqs,)`, tokens each request's stage layers have cached after this step.
         request: `(t_s,)`, the request of each row (-1 for padding rows).
@@ -81,8 +79,9 @@ class StagePlan:
         dropped: `(num_reqs,)`, tokens each request has dropped in this stage, this step included.
     """
 
-    keep: torch.LongTensor
-    rows: torch.LongTensor
+    stage: int
+    from_previous: torch.LongTensor
+    step_rows: torch.LongTensor
     query_start_loc: torch.LongTensor
     seq_lens: torch.LongTensor
     request: torch.LongTensor
@@ -106,30 +105,31 @@ def slot_mapping(
 
 
 def image_offsets(
-    input_ids: torch.LongTensor,
+    is_vision: torch.BoolTensor,
     query_start_loc: torch.LongTensor,
     open_image_tokens: torch.LongTensor,
-    schedule: VisionSchedule,
+    tokens_per_image: int,
 ) -> tuple[torch.LongTensor, torch.LongTensor]:
     """Each row's offset within its image (`-1` for text rows), and each request's unfinished image after the step.
 
-    An image is `tokens_per_image` consecutive placeholder tokens; back-to-back images form one run. vLLM may cut an
-    image between two steps (chunked prefill): `open_image_tokens[i]` says how many of an image request `i`'s
-    previous steps already held, so its first rows continue that image.
+    `is_vision` marks the rows that hold image features (vLLM's `is_multimodal`: not the token id, which a request
+    may also generate). An image is `tokens_per_image` consecutive such rows; back-to-back images form one run. vLLM
+    may cut an image between two steps (chunked prefill): `open_image_tokens[i]` says how many of an image request
+    `i`'s previous steps already held, so its first rows continue that image.
 
     Returns:
         offsets `(T,)`, and the placeholder tokens of an image each request leaves unfinished, `(R,)`.
     """
-    n, num_reqs = schedule.tokens_per_image, len(query_start_loc) - 1
+    n, num_rows, num_reqs = tokens_per_image, len(is_vision), len(query_start_loc) - 1
     starts, ends = query_start_loc[:-1], query_start_loc[1:]
-    row = torch.arange(len(input_ids))
-    request_of_row = torch.full_like(input_ids, -1)
+    row = torch.arange(num_rows)
+    request_of_row = torch.full((num_rows,), -1, dtype=torch.long)
     request_of_row[: int(ends[-1])] = torch.repeat_interleave(torch.arange(num_reqs), ends - starts)
-    is_vision = (input_ids == schedule.image_token_id) & (request_of_row >= 0)
-    first_is_vision = is_vision[starts.clamp(max=len(input_ids) - 1)] & (ends > starts)
+    is_vision = is_vision & (request_of_row >= 0)
+    first_is_vision = is_vision[starts.clamp(max=num_rows - 1)] & (ends > starts)
     if bool(((open_image_tokens > 0) & ~first_is_vision).any()):
         raise ValueError("a request left an image unfinished, then went on with text.")
-    offsets, open_after = torch.full_like(input_ids, -1), torch.zeros_like(open_image_tokens)
+    offsets, open_after = torch.full((num_rows,), -1, dtype=torch.long), torch.zeros_like(open_image_tokens)
     continues_run = torch.zeros_like(is_vision)
     continues_run[1:] = is_vision[:-1] & (request_of_row[1:] == request_of_row[:-1])
     run_start = is_vision & ~continues_run
@@ -164,7 +164,7 @@ class Progress:
 
 
 def plan_stages(
-    input_ids: torch.LongTensor,
+    is_vision: torch.BoolTensor,
     positions: torch.LongTensor,
     query_start_loc: torch.LongTensor,
     seq_lens: torch.LongTensor,
@@ -174,15 +174,18 @@ def plan_stages(
     """The plan of every stage after the first for one step (all tensors on the CPU), and the requests' progress.
 
     Args:
-        input_ids, positions: `(T,)`, the step's rows (rows past `query_start_loc[-1]` are padding and are kept).
+        is_vision, positions: `(T,)`, the step's rows: image feature rows, and positions (rows past
+            `query_start_loc[-1]` are padding and are kept).
         query_start_loc: `(R + 1,)`; seq_lens: `(R,)`, as in vLLM's metadata.
         before: the requests' progress after their earlier steps (`RequestProgress`).
     """
-    num_rows, num_reqs = len(input_ids), len(seq_lens)
+    num_rows, num_reqs = len(positions), len(seq_lens)
     query_lens = query_start_loc[1:] - query_start_loc[:-1]
     num_real = int(query_start_loc[-1])
     request_of_row = torch.repeat_interleave(torch.arange(num_reqs), query_lens)
-    offsets, open_after = image_offsets(input_ids, query_start_loc, before.open_image_tokens, schedule)
+    offsets, open_after = image_offsets(
+        is_vision, query_start_loc, before.open_image_tokens, schedule.tokens_per_image
+    )
     is_vision = offsets >= 0
     plans, previous_rows = [], torch.arange(num_rows)
     for stage, alive in enumerate(schedule.alive):
@@ -202,8 +205,9 @@ def plan_stages(
         dropped = before.dropped[:, stage] + dropped_in_step
         plans.append(
             StagePlan(
-                keep=torch.searchsorted(previous_rows, rows),
-                rows=rows,
+                stage=stage + 1,
+                from_previous=torch.searchsorted(previous_rows, rows),
+                step_rows=rows,
                 query_start_loc=torch.cat(
                     [torch.zeros(1, dtype=torch.long), torch.cumsum(query_lens - dropped_in_step, 0)]
                 ),

@@ -232,3 +232,37 @@ def test_llava_7b_stage_groups_and_blocks(reference):
     tokens = [64 + llava_7b["vision_tokens_per_layer"][layer] for layer in first_layer_of_stage]
     assert adsc.blocks == [ceil(tokens[stage] / 16) for stage, _ in adsc.groups]
     assert 0.40 < adsc.kv_bytes / stock.kv_bytes < 0.42  # the HF model's cache holds 0.400 of stock's; blocks round up
+
+
+def test_config_hook_selects_the_scheduler_and_refuses_what_stages_cannot_see():
+    from types import SimpleNamespace
+
+    from vllm.config import CUDAGraphMode
+
+    from vllm_adsc.kv_cache import SCHEDULER, AdscConfigHook
+
+    def engine_config(**changes):
+        config = SimpleNamespace(
+            scheduler_config=SimpleNamespace(scheduler_cls=None),
+            compilation_config=SimpleNamespace(cudagraph_mode=None),
+            cache_config=SimpleNamespace(enable_prefix_caching=True),
+            parallel_config=SimpleNamespace(decode_context_parallel_size=1, enable_dbo=False),
+            kv_transfer_config=None,
+            speculative_config=None,
+        )
+        for name, value in changes.items():
+            setattr(config, name, value)
+        return config
+
+    config = engine_config()
+    AdscConfigHook.verify_and_update_config(config)
+    assert config.scheduler_config.scheduler_cls == SCHEDULER
+    assert config.compilation_config.cudagraph_mode == CUDAGraphMode.PIECEWISE
+    assert config.cache_config.enable_prefix_caching is False
+    full_graphs = engine_config(compilation_config=SimpleNamespace(cudagraph_mode=CUDAGraphMode.FULL_AND_PIECEWISE))
+    AdscConfigHook.verify_and_update_config(full_graphs)
+    assert full_graphs.compilation_config.cudagraph_mode == CUDAGraphMode.PIECEWISE
+    with pytest.raises(ValueError, match="--scheduler-cls"):
+        AdscConfigHook.verify_and_update_config(engine_config(scheduler_config=SimpleNamespace(scheduler_cls="x.Y")))
+    with pytest.raises(NotImplementedError, match="speculative decoding"):
+        AdscConfigHook.verify_and_update_config(engine_config(speculative_config=object()))

@@ -152,11 +152,16 @@ class AdscConfigHook:
             # Each step's stage metadata is built in Python: a graph that captured attention would replay another's.
             logger.info("ADSC-LLaVA: CUDA graphs capture everything but attention (PIECEWISE).")
             compilation_config.cudagraph_mode = CUDAGraphMode.PIECEWISE
-        if vllm_config.kv_transfer_config is not None or vllm_config.parallel_config.decode_context_parallel_size > 1:
-            # Both start requests past their first token or split their positions, which the stage plan cannot see.
-            raise NotImplementedError(
-                "ADSC-LLaVA in vLLM supports neither KV transfer connectors nor context parallelism."
-            )
+        unsupported = {
+            # These start requests past their first token, split their positions or their steps, or verify drafted
+            # tokens, none of which the stage plan sees.
+            "KV transfer connectors": vllm_config.kv_transfer_config is not None,
+            "context parallelism": vllm_config.parallel_config.decode_context_parallel_size > 1,
+            "micro-batching (--enable-dbo)": vllm_config.parallel_config.enable_dbo,
+            "speculative decoding": vllm_config.speculative_config is not None,
+        }
+        if refused := [name for name, used in unsupported.items() if used]:
+            raise NotImplementedError(f"ADSC-LLaVA in vLLM does not support {', '.join(refused)} yet.")
         if vllm_config.cache_config.enable_prefix_caching:
             # A cache hit would start a request past its first token (the stage plan restarts a request's progress at
             # position 0) and past its images, and stage groups cache no block hashes yet.

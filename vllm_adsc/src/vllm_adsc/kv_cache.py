@@ -79,7 +79,7 @@ class AdscStageManager(FullAttentionManager):
     def _stage_tokens(self, request_id: str, num_tokens: int) -> int:
         if self.requests is None:
             raise RuntimeError(
-                "ADSC's per-stage KV cache needs vllm_adsc's scheduler (vllm_adsc.kv_cache.AdscScheduler); a "
+                "ADSC's per-stage KV cache needs vllm_adsc's scheduler (vllm_adsc.kv_cache.adsc_scheduler); a "
                 "custom --scheduler-cls replaced it."
             )
         request = self.requests[request_id]
@@ -99,13 +99,14 @@ class AdscStageManager(FullAttentionManager):
         )
 
 
-def _ensure_builtin_specs_registered() -> None:
-    # vLLM registers its own specs on first use, and only if the registry is empty: ours must come after them.
+def _register_stage_spec() -> None:
+    # vLLM registers its own specs on first use, and only if the registry is empty, so they go first (the check with
+    # no specs makes it register them); then ours, as its own type, so that stages never merge with each other.
     KVCacheSpecRegistry.check_kv_cache_spec_registry({})
     KVCacheSpecRegistry.register(AdscStageSpec, AdscStageManager, uniform_type_base_spec=AdscStageSpec)
 
 
-_ensure_builtin_specs_registered()
+_register_stage_spec()
 
 
 class _LendRequestsToStageManagers:

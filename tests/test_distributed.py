@@ -19,10 +19,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import DRAWINGS, IMAGE_SIZE, PATCH_SIZE, RECORDS, WORDS, draw
-from transformers import LlavaForConditionalGeneration
+from test_train import IMAGE_SIZE, RECORDS, make_workspace
 
-from adsc_llava.testing import build_tiny_processor, tiny_llava_config_for
 from adsc_llava.train.args import AdscTrainConfig
 from adsc_llava.train.trainer import build_trainer
 
@@ -111,18 +109,7 @@ report["finite"] = bool(torch.isfinite(logits).all())
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> SimpleNamespace:
     """A tiny stock LLaVA checkpoint and 6 records: 4 with an image, 2 text-only."""
-    root = tmp_path_factory.mktemp("distributed")
-    processor = build_tiny_processor(WORDS, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE)
-    torch.manual_seed(0)
-    base = root / "base"
-    LlavaForConditionalGeneration(tiny_llava_config_for(processor, IMAGE_SIZE, PATCH_SIZE)).save_pretrained(base)
-    processor.save_pretrained(base)
-    (root / "data" / "images").mkdir(parents=True)
-    for name, (color, kind) in DRAWINGS.items():
-        draw(color, kind).save(root / "data" / "images" / name)
-    data = root / "data" / "train.json"
-    data.write_text(json.dumps(RECORDS + TEXT_ONLY_RECORDS))
-    return SimpleNamespace(root=root, base=base, data=data)
+    return make_workspace(tmp_path_factory.mktemp("distributed"), RECORDS + TEXT_ONLY_RECORDS)
 
 
 def ddp_config(workspace, output_dir: Path, **overrides) -> dict:

@@ -115,10 +115,9 @@ def draw(color: str, kind: str) -> Image.Image:
     return image
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> SimpleNamespace:
-    """A tiny random stock LLaVA checkpoint (+ processor) and a 4-record JSON data set with drawn images."""
-    root = tmp_path_factory.mktemp("train")
+def make_workspace(root: Path, records: list[dict]) -> SimpleNamespace:
+    """A tiny random stock LLaVA checkpoint (+ processor) under `root / "base"`, and `records` as a JSON data set
+    with the drawn images under `root / "data"`."""
     processor = build_tiny_processor(WORDS, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE)
     torch.manual_seed(0)
     base = root / "base"
@@ -128,8 +127,14 @@ def workspace(tmp_path_factory) -> SimpleNamespace:
     for name, (color, kind) in DRAWINGS.items():
         draw(color, kind).save(root / "data" / "images" / name)
     data = root / "data" / "train.json"
-    data.write_text(json.dumps(RECORDS))
+    data.write_text(json.dumps(records))
     return SimpleNamespace(root=root, base=base, data=data, processor=processor)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> SimpleNamespace:
+    """A tiny random stock LLaVA checkpoint (+ processor) and a 4-record JSON data set with drawn images."""
+    return make_workspace(tmp_path_factory.mktemp("train"), RECORDS)
 
 
 def train_config(workspace, output_dir: Path, **overrides) -> AdscTrainConfig:

@@ -116,6 +116,11 @@ def default_pruning_layers(num_layers: int, layers_of_32: tuple[int, ...] = PAPE
     return layers
 
 
+def policy_pruning_layers(policy: str, num_layers: int) -> list[int]:
+    """A keep policy's own pruning layers (`POLICY_LAYERS_OF_32`) scaled to `num_layers`."""
+    return default_pruning_layers(num_layers, POLICY_LAYERS_OF_32[policy])
+
+
 def reachable_budget_range(num_layers: int, pruning_layers: list[int], num_vision_tokens: int) -> tuple[float, float]:
     """(smallest, largest) average budget a schedule with these layers can reach for some `r` in `[0, 1)`.
 
@@ -237,14 +242,11 @@ class AdscScheduleMixin:
         """
         if self.adsc_keep_policy != "uniform":
             raise ValueError(f"keep policy {self.adsc_keep_policy!r} picks tokens by attention scores, not by counts.")
-        alive, surviving = (
-            list(range(self.reference_vision_tokens if num_vision_tokens is None else num_vision_tokens)),
-            [],
-        )
+        num_tokens = self.reference_vision_tokens if num_vision_tokens is None else num_vision_tokens
+        alive, surviving = list(range(num_tokens)), []
         for _ in self.adsc_pruning_layers:
-            alive = [
-                alive[i] for i in uniform_keep_positions(len(alive), num_kept_tokens(len(alive), self.adsc_drop_ratio))
-            ]
+            kept = uniform_keep_positions(len(alive), num_kept_tokens(len(alive), self.adsc_drop_ratio))
+            alive = [alive[i] for i in kept]
             surviving.append(alive)
         return surviving
 

@@ -23,8 +23,7 @@ from pathlib import Path
 from adsc_llava.cli import prog
 from adsc_llava.configuration_adsc_llava import (
     KEEP_POLICIES,
-    POLICY_LAYERS_OF_32,
-    default_pruning_layers,
+    policy_pruning_layers,
     reachable_budget_range,
 )
 from adsc_llava.families import family_of
@@ -61,7 +60,7 @@ def planned_runs(checkpoint: Path, budgets: list[float], methods: list[str]) -> 
     num_layers, reference = config.text_config.num_hidden_layers, config.reference_vision_tokens
     runs, notes = [EvalRun(None, None, None, {})], []
     for method in methods:
-        layers = default_pruning_layers(num_layers, POLICY_LAYERS_OF_32[method])
+        layers = policy_pruning_layers(method, num_layers)
         if method == "uniform":
             layers = config.adsc_pruning_layers or layers
         lowest, highest = reachable_budget_range(num_layers, layers, reference)

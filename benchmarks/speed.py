@@ -72,8 +72,8 @@ from adsc_llava.benchmarks.report import (
 )
 from adsc_llava.cli import prog
 from adsc_llava.configuration_adsc_llava import (
-    POLICY_LAYERS_OF_32,
     default_pruning_layers,
+    policy_pruning_layers,
     reachable_budget_range,
     validate_schedule,
 )
@@ -105,11 +105,6 @@ class BenchmarkSettings:
 BASELINES = {"fastv": "FastV", "pyramiddrop": "PyramidDrop"}
 
 
-def baseline_layers(policy: str, num_layers: int) -> list[int]:
-    """The baseline's own pruning layers (`POLICY_LAYERS_OF_32`) scaled to the depth."""
-    return default_pruning_layers(num_layers, POLICY_LAYERS_OF_32[policy])
-
-
 def benchmark_variants(
     config: LlavaConfig,
     budgets: list[float],
@@ -126,7 +121,7 @@ def benchmark_variants(
         if policy == "uniform":
             name, layers = "ADSC", pruning_layers
         else:
-            name, layers = BASELINES[policy], baseline_layers(policy, dims.num_layers)
+            name, layers = BASELINES[policy], policy_pruning_layers(policy, dims.num_layers)
         lowest, highest = reachable_budget_range(dims.num_layers, layers, base_config.reference_vision_tokens)
         for budget in budgets:
             if policy != "uniform" and not lowest <= budget < highest:
@@ -380,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         f"median of {settings.repeats} round(s) after {settings.warmup} warm-up round(s); wall time {elapsed:.0f} s\n"
     )
     for policy in settings.baselines:
-        name, layers = BASELINES[policy], baseline_layers(policy, dims.num_layers)
+        name, layers = BASELINES[policy], policy_pruning_layers(policy, dims.num_layers)
         timed = {row.variant.budget for row in rows if row.variant.keep_policy == policy}
         left_out = [budget for budget in settings.budgets if budget not in timed]
         lowest, highest = reachable_budget_range(dims.num_layers, layers, adsc_config(config).reference_vision_tokens)

@@ -26,11 +26,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from adsc_llava import AdscLlavaConfig, AdscLlavaForConditionalGeneration
 from adsc_llava.cli import prog
-from adsc_llava.configuration_adsc_llava import (
-    POLICY_LAYERS_OF_32,
-    default_pruning_layers,
-    reachable_budget_range,
-)
+from adsc_llava.configuration_adsc_llava import policy_pruning_layers, reachable_budget_range
 from adsc_llava.shapes_demo import synthetic
 from adsc_llava.shapes_demo.evaluate import Result, answer_new_image, evaluate_row
 from adsc_llava.shapes_demo.recipe import BUDGET_FRACTIONS, FULL, QUESTION_TYPES, QUICK, DemoRecipe, recipe_key
@@ -196,13 +192,13 @@ def fine_tune(base: Path, train_json: Path, out: Path, recipe: DemoRecipe, budge
 
 
 def baseline_layers_for(policy: str, config: AdscLlavaConfig, budget: float, adsc_layers: list[int]) -> list[int]:
-    """A policy's own pruning layers (`POLICY_LAYERS_OF_32`, scaled), or ADSC's where its own cannot reach `budget`.
+    """A policy's own pruning layers (`policy_pruning_layers`), or ADSC's where its own cannot reach `budget`.
 
     PyramidDrop's stages at 1/4, 1/2 and 3/4 of the depth keep the first quarter full, so budgets under a quarter of
     the tokens need earlier stages; on ADSC's layers the two rules differ only in which tokens they keep.
     """
     num_layers = config.text_config.num_hidden_layers
-    own = default_pruning_layers(num_layers, POLICY_LAYERS_OF_32[policy]) if policy != "uniform" else adsc_layers
+    own = policy_pruning_layers(policy, num_layers)
     lowest, _ = reachable_budget_range(num_layers, own, config.reference_vision_tokens)
     return own if budget >= lowest else adsc_layers
 
@@ -227,7 +223,7 @@ def run_experiment(
     base = load(base_dir)
     full = evaluate_row("full model", base, processor, test_json, None, model_dir=base_dir)
     table_one = [full]
-    adsc_layers = base.config.with_budget(budgets[0]).adsc_pruning_layers
+    adsc_layers = policy_pruning_layers("uniform", base.config.text_config.num_hidden_layers)
     for budget in budgets:
         for policy in TRAINING_FREE:
             layers = baseline_layers_for(policy, base.config, budget, adsc_layers)

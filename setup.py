@@ -24,6 +24,10 @@ SHIPPED_FILES = (
 # What `transformers serve` needs (transformers' own `serving` extra, without its torch floor), for `adsc-llava serve`;
 # the tests query the server with the official `openai` client.
 SERVE_REQUIREMENTS = ["fastapi", "uvicorn", "pydantic>=2", "openai>=1.98.0"]
+# The documentation site (mkdocs.yml, docs/): `mkdocs serve` / `mkdocs build --strict`, the API pages read from the
+# docstrings (mkdocstrings' Python handler reads the source with griffe, without importing torch). tests/test_docs.py
+# builds it, so the test extra carries these too.
+DOCS_REQUIREMENTS = ["mkdocs>=1.6,<2", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.29"]
 # Subpackage -> its folder in the source tree.
 SUBPACKAGE_FOLDERS = {
     "adsc_llava.train": "train",
@@ -31,7 +35,7 @@ SUBPACKAGE_FOLDERS = {
     "adsc_llava.shapes_demo": "examples/shapes_demo",
 }
 # Oldest transformers release the test suite passes on (tests/test_packaging.py checks this is what is installed
-# or newer; the release notes in README.md say how it was found).
+# or newer; docs/models.md, "Compatibility", says how it was found).
 MIN_TRANSFORMERS = "5.24.0"
 
 
@@ -76,7 +80,17 @@ setup(
     extras_require={
         "plot": ["matplotlib"],
         "serve": SERVE_REQUIREMENTS,
-        "test": ["pytest", "hypothesis", "ruff", "matplotlib", "parameterized", "deepspeed", *SERVE_REQUIREMENTS],
+        "docs": DOCS_REQUIREMENTS,
+        "test": [
+            "pytest",
+            "hypothesis",
+            "ruff",
+            "matplotlib",
+            "parameterized",
+            "deepspeed",
+            *SERVE_REQUIREMENTS,
+            *DOCS_REQUIREMENTS,
+        ],
         # lmms-eval imports filelock._api, which filelock 4.3 removed; build with eval/lmms_eval_env.sh.
         "eval": ["lmms-eval==0.7.3", "filelock<4.3"],
         "flash": ["flash-attn"],

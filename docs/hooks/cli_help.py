@@ -23,8 +23,12 @@ from adsc_llava.cli import SUBCOMMANDS, main
 helps = {}
 for command in ["", *SUBCOMMANDS]:
     buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer), contextlib.suppress(SystemExit):
-        main([command, "--help"] if command else ["--help"])
+    try:
+        with contextlib.redirect_stdout(buffer):
+            main([command, "--help"] if command else ["--help"])
+    except SystemExit as exit:
+        if exit.code not in (0, None):
+            raise
     helps[command] = buffer.getvalue()
 print(json.dumps(helps))
 """

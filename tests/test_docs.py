@@ -173,3 +173,19 @@ def test_cheap_documented_commands_run(tmp_path, monkeypatch):
         assert code == 0, where
         expected = ["usage: adsc-llava"] if "--help" in argv else ["| budget |", "TFLOPs"]
         assert all(part in text for part in expected), where
+
+
+def first_table_rows(markdown: str) -> list[list[str]]:
+    """The body rows of the first Markdown table in `markdown`, as lists of stripped cells."""
+    lines = markdown[markdown.index("\n|") + 1 :].split("\n\n", 1)[0].splitlines()
+    return [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in lines[2:]]
+
+
+def test_table_iv_on_the_cost_page_is_what_cost_prints():
+    """The cost page's Table IV (budget, r, tokens per layer, TFLOPs, vs stock) is `adsc-llava cost`'s output today."""
+    page = (ROOT / "docs" / "cost.md").read_text()
+    rows = first_table_rows(page[page.index("## Cost (Table IV)") :])
+    code, printed = run_cli(["cost"])
+    assert code == 0 and len(rows) == 4
+    for row, printed_row in zip(rows, first_table_rows(printed), strict=True):
+        assert row[:4] == printed_row[:4] and row[4] in (printed_row[4], ""), (row, printed_row)

@@ -1,12 +1,14 @@
 """Fetch transformers' `tests/test_modeling_common.py` from its PyPI source release and import it."""
 
 import importlib
+import shutil
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
 import transformers
+from filelock import FileLock
 
 CACHE = Path(__file__).resolve().parents[2] / ".cache" / "transformers-tests" / transformers.__version__
 PACKAGE = "transformers_upstream_tests"
@@ -18,16 +20,25 @@ STAND_INS = {
 
 
 def fetch_source_release() -> Path:
-    """The folder holding transformers' `tests/` files of the installed version (downloaded once)."""
+    """The folder holding transformers' `tests/` files of the installed version (downloaded once).
+
+    Several test processes (pytest-xdist workers) may ask at once: one downloads, the others wait on the lock.
+    """
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(CACHE / f"{PACKAGE}.lock")):
+        return _fetch_source_release_unlocked()
+
+
+def _fetch_source_release_unlocked() -> Path:
     package_dir = CACHE / PACKAGE
     if (package_dir / "test_modeling_common.py").is_file():
         return CACHE
-    CACHE.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--no-build-isolation"]
     command += [f"transformers=={transformers.__version__}", "-d", str(CACHE), "-q"]
     subprocess.run(command, check=True, capture_output=True, text=True, timeout=600)
     (archive,) = CACHE.glob("transformers-*.tar.gz")
     staging = CACHE / f"{PACKAGE}.partial"
+    shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted run
     with tarfile.open(archive) as release:
         prefix = f"transformers-{transformers.__version__}/tests/"
         for member in release.getmembers():

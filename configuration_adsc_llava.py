@@ -57,7 +57,7 @@ ADSC_AUTO_MAP = {
 
 
 # How each policy picks the `floor((1 - r) * n)` vision tokens an image keeps at a pruning layer `l`:
-# - "uniform" (ADSC): the centres of equal bins, `uniform_keep_indices(n, k)`; no attention scores;
+# - "uniform" (ADSC): the centres of equal bins, `uniform_keep_positions(n, k)`; no attention scores;
 # - "fastv": the top k by the attention they receive from the prompt's last token in layer `l - 1` (FastV);
 # - "pyramiddrop": the top k by the attention the prompt's last token would give them in layer `l` (PyramidDrop).
 # Scores are softmax probabilities over the forward's tokens, averaged over heads; ties keep the earlier token.
@@ -69,6 +69,9 @@ POLICY_LAYERS_OF_32 = {"uniform": (2, 8, 16, 24), "fastv": (2,), "pyramiddrop": 
 
 def uniform_keep_positions(num_tokens: int, num_keep: int) -> list[int]:
     """Which of `num_tokens` tokens survive when `num_keep` are kept: the centres of `num_keep` equal bins.
+
+    ADSC's rule, written once: the modeling files plan every stage with it (`num_kept_tokens` gives `num_keep`), and
+    serving engines import it from here.
 
     Token `floor((2i + 1) * num_tokens / (2 * num_keep))` is kept for `i = 0 .. num_keep - 1`. The result is
     deterministic, strictly increasing, depends only on the two counts, and its gaps differ by at most one (it is
@@ -359,7 +362,7 @@ class AdscLlavaConfig(AdscScheduleMixin, LlavaConfig):
             The drop ratio `r` in `[0, 1)`: at each pruning layer every image keeps `floor((1 - r) * n)` of the `n`
             vision tokens it still has.
         adsc_keep_policy (`str`, *optional*, defaults to `"uniform"`):
-            Which tokens: `"uniform"` (ADSC: the positions `uniform_keep_indices` gives), or the baselines
+            Which tokens: `"uniform"` (ADSC: the positions `uniform_keep_positions` gives), or the baselines
             `"fastv"` / `"pyramiddrop"` (the most attended ones; `KEEP_POLICIES` says how each scores them).
 
     Example:

@@ -3,7 +3,7 @@
 Shipped inside every ADSC-LLaVA-NeXT checkpoint with `modeling_adsc_llava.py` (the shared ADSC core, imported
 relatively) and both configuration files. The vision side is stock LLaVA-NeXT: its `get_image_features` builds each
 image's span (base view, unpadded grid, one newline per grid row); the ADSC pass then treats every image's whole span
-as one visual unit (`modeling_adsc_llava.visual_unit_offsets`), whatever its length.
+as one visual unit (`modeling_adsc_llava.locate_visual_units`), whatever its length.
 """
 
 from .configuration_adsc_llava import check_transformers_version
@@ -50,6 +50,7 @@ class AdscLlavaNextModel(AdscModelMixin, LlavaNextModel):
         vision_feature_select_strategy: str | None = None,
         use_cache: bool | None = None,
         mm_encoder_outputs: dict | None = None,
+        adsc_prompt_length: int | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> LlavaNextModelOutputWithPast:
         """Same inputs and outputs as `LlavaNextModel.forward`; `last_hidden_state` is `(batch, seq, hidden)`."""
@@ -66,7 +67,9 @@ class AdscLlavaNextModel(AdscModelMixin, LlavaNextModel):
                 return_dict=True,
             )
         image_outputs = mm_encoder_outputs.get("image")
-        visual_features = {self.config.image_token_id: image_outputs.pooler_output} if image_outputs else {}
+        visual_features = (
+            {self.config.image_token_id: image_outputs.pooler_output} if image_outputs is not None else {}
+        )
         last_hidden_state, cache, layer_outputs = self.run_language_model(
             input_ids,
             inputs_embeds,
@@ -75,6 +78,7 @@ class AdscLlavaNextModel(AdscModelMixin, LlavaNextModel):
             position_ids=position_ids,
             cache=cache,
             use_cache=use_cache,
+            adsc_prompt_length=adsc_prompt_length,
             **kwargs,
         )
         return LlavaNextModelOutputWithPast(

@@ -55,6 +55,7 @@ class AdscLlavaOnevisionModel(AdscModelMixin, LlavaOnevisionModel):
         batch_num_images: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         mm_encoder_outputs: dict | None = None,
+        adsc_prompt_length: int | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> LlavaOnevisionModelOutputWithPast:
         """Same inputs and outputs as `LlavaOnevisionModel.forward`; `last_hidden_state` is `(batch, seq, hidden)`."""
@@ -93,6 +94,7 @@ class AdscLlavaOnevisionModel(AdscModelMixin, LlavaOnevisionModel):
             position_ids=position_ids,
             cache=cache,
             use_cache=use_cache,
+            adsc_prompt_length=adsc_prompt_length,
             **kwargs,
         )
         return LlavaOnevisionModelOutputWithPast(

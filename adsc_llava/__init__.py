@@ -14,14 +14,13 @@ _SOURCE_ROOT = Path(__file__).resolve().parent.parent
 if (_SOURCE_ROOT / "modeling_adsc_llava.py").is_file():
     __path__ += [str(_SOURCE_ROOT), str(_SOURCE_ROOT / "examples")]
 
-from .configuration_adsc_llava import AdscLlavaConfig  # noqa: E402
+from .configuration_adsc_llava import AdscLlavaConfig, uniform_keep_positions  # noqa: E402
 from .configuration_adsc_llava_next import AdscLlavaNextConfig  # noqa: E402
 from .configuration_adsc_llava_onevision import AdscLlavaOnevisionConfig  # noqa: E402
 
 # name -> modeling module: imported on first use, so that config-only tools such as the cost model start fast.
 _MODELING_NAMES = {
     "AdscLlavaForConditionalGeneration": "modeling_adsc_llava",
-    "uniform_keep_indices": "modeling_adsc_llava",
     "AdscLlavaNextForConditionalGeneration": "modeling_adsc_llava_next",
     "AdscLlavaOnevisionForConditionalGeneration": "modeling_adsc_llava_onevision",
 }
@@ -65,5 +64,5 @@ __all__ = [
     "AdscLlavaOnevisionForConditionalGeneration",
     "register_auto_classes",
     "shipped_file",
-    "uniform_keep_indices",
+    "uniform_keep_positions",
 ]

@@ -48,14 +48,40 @@ def fresh_decode_logits(model, batch: dict) -> torch.Tensor:
     return decode_logits(model, batch, prefill(model, batch))
 
 
-def test_generate_creates_an_adsc_cache():
+def test_generate_creates_an_adsc_cache_with_key_masks_only_where_keys_are_masked():
     model = tiny_adsc_model(**SCHEDULE)
-    output = model.generate(**make_batch([1]), max_new_tokens=2, return_dict_in_generate=True, do_sample=False)
-    cache = output.cache if hasattr(output, "cache") else output.past_key_values
-    assert isinstance(cache, AdscCache) and all(isinstance(layer, AdscCacheLayer) for layer in cache.layers)
-    # Each layer's mask and key positions are as long as its keys.
-    for layer in cache.layers:
-        assert layer.key_mask.shape == layer.key_index.shape == layer.keys.shape[::2][:2]
+    options = dict(max_new_tokens=2, return_dict_in_generate=True, do_sample=False)
+    unpadded = model.generate(**make_batch([1]), **options).cache
+    assert isinstance(unpadded, AdscCache) and all(isinstance(layer, AdscCacheLayer) for layer in unpadded.layers)
+    # No padding, no filler: no masks, so every stage takes the attention's unmasked path; no key positions either.
+    assert all(layer.key_mask is None and layer.key_index is None for layer in unpadded.layers)
+    # Padded rows: every layer's mask is as long as its keys.
+    padded = model.generate(**mixed_batch(), **options).cache
+    assert all(layer.key_mask.shape == layer.keys.shape[::2][:2] for layer in padded.layers)
+    # Rows of one length keeping different counts: filler slots are masked from the first pruning layer on.
+    same_length = make_batch([1, 0], text_lengths=[3, 20])
+    assert same_length["attention_mask"].all()
+    filled = model.generate(**same_length, **options).cache
+    assert [layer.key_mask is None for layer in filled.layers] == [True, False, False, False]
+    # Key positions are kept while per-layer attentions are asked for, after the first pruning layer.
+    eager = tiny_adsc_model(**SCHEDULE, attn_implementation="eager")
+    recorded = eager.generate(**mixed_batch(), **options, output_attentions=True).cache
+    assert [layer.key_index is None for layer in recorded.layers] == [True, False, False, False]
+    assert all(layer.key_index.shape == layer.key_mask.shape for layer in recorded.layers[1:])
+
+
+def test_offloading_leaves_the_key_masks_on_the_compute_stream():
+    """An offloaded cache moves keys on a side stream; the key masks are read before `Cache.update` waits for it.
+
+    They stay where the compute stream wrote them (a meta tensor here: any copy of it would raise).
+    """
+    layer = AdscCacheLayer()
+    layer.key_mask = torch.ones(2, 5, dtype=torch.bool, device="meta")
+    layer.key_index = torch.zeros(2, 5, dtype=torch.long, device="meta")
+    key_mask, key_index = layer.key_mask, layer.key_index
+    layer.offload()
+    layer.prefetch()
+    assert layer.key_mask is key_mask and layer.key_index is key_index
 
 
 @pytest.mark.parametrize("rows", [[2, 0, 1], [1, 1, 0]], ids=["permutation", "repeat"])

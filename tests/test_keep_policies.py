@@ -15,7 +15,7 @@ from reference import reference_alive_masks, reference_forward
 from transformers import DynamicCache
 
 from adsc_llava import AdscLlavaConfig
-from adsc_llava.modeling_adsc_llava import top_scored_in_unit
+from adsc_llava.modeling_adsc_llava import StageLayout, VisualUnits, top_scored_keep
 
 from conftest import IMAGE_TOKEN_ID, make_batch, tiny_adsc_model
 
@@ -73,62 +73,38 @@ def test_cached_generation_equals_uncached_and_cache_lengths_match_the_budget(ke
         assert layer.keys.shape[-2] == max(width - images * dropped for images in images_per_row)
 
 
-def loop_top_scored(scores: list[list[int]], unit_lengths: list[list[int]], drop_ratio: float) -> list[list[bool]]:
-    """Which tokens each unit keeps: its `floor((1 - r) * n)` highest scores, the earlier token on ties."""
-    keep = []
-    for row_scores, row_units in zip(scores, unit_lengths, strict=True):
-        row_keep, start = [False] * len(row_scores), 0
-        for length in row_units:
-            if length == 0:  # a text token
-                start += 1
-                continue
-            unit = range(start, start + length)
-            ranked = sorted(unit, key=lambda i: (-row_scores[i], i))[: math.floor((1 - drop_ratio) * length)]
-            for i in ranked:
-                row_keep[i] = True
-            start += length
-        keep.append(row_keep)
-    return keep
-
-
 @st.composite
 def scored_rows(draw):
-    """Rows of text tokens and units (possibly adjacent), integer scores so that ties are common."""
+    """Rows of text tokens and units (possibly adjacent), filler after shorter rows, integer scores (ties common)."""
     batch_size = draw(st.integers(1, 3))
     pieces = [draw(st.lists(st.integers(0, 6), min_size=1, max_size=5)) for _ in range(batch_size)]
-    width = max(sum(max(piece, 1) for piece in row) for row in pieces)
-    offsets, lengths, layout = [], [], []
-    for row in pieces:
-        row_offsets, row_lengths, row_layout = [], [], []
-        for piece in row:  # 0: one text token, n > 0: a unit of n tokens
-            row_offsets += list(range(piece)) if piece else [-1]
-            row_lengths += [piece] * piece if piece else [0]
-            row_layout.append(piece)
-        padding = width - len(row_offsets)
-        offsets.append(row_offsets + [-1] * padding)
-        lengths.append(row_lengths + [0] * padding)
-        layout.append(row_layout + [0] * padding)
-    scores = [draw(st.lists(st.integers(0, 3), min_size=width, max_size=width)) for _ in range(batch_size)]
+    row_lengths = [sum(max(piece, 1) for piece in row) for row in pieces]
+    rows, starts, lengths = [], [], []
+    for row, row_pieces in enumerate(pieces):  # 0: one text token, n > 0: a unit of n tokens
+        start = 0
+        for piece in row_pieces:
+            if piece:
+                rows, starts, lengths = rows + [row], starts + [start], lengths + [piece]
+            start += max(piece, 1)
+    layout = StageLayout(max(row_lengths), tuple(row_lengths), VisualUnits(tuple(rows), tuple(starts), tuple(lengths)))
+    scores = [draw(st.lists(st.integers(0, 3), min_size=layout.width, max_size=layout.width)) for _ in pieces]
     drop_ratio = draw(st.sampled_from([0.0, 0.25, 0.5, 0.6, 0.9]))
-    return offsets, lengths, layout, scores, drop_ratio
+    return layout, scores, drop_ratio
 
 
 @settings(max_examples=200, deadline=None)
 @given(scored_rows())
-def test_top_scored_in_unit_equals_a_loop_with_ties(case):
-    offsets, lengths, layout, scores, drop_ratio = case
-    keep, new_offsets, new_lengths = top_scored_in_unit(
-        torch.tensor(scores, dtype=torch.float), torch.tensor(offsets), torch.tensor(lengths), drop_ratio
-    )
-    assert keep.tolist() == loop_top_scored(scores, layout, drop_ratio)
-    for row in range(len(offsets)):
-        start = 0
-        for piece in layout[row]:
-            if piece:
-                kept = [i for i in range(start, start + piece) if keep[row, i]]
-                assert [int(new_offsets[row, i]) for i in kept] == list(range(len(kept)))
-                assert all(int(new_lengths[row, i]) == len(kept) for i in kept)
-            start += max(piece, 1)
+def test_top_scored_keep_equals_a_loop_with_ties(case):
+    """Each unit keeps its `floor((1 - r) * n)` best scores, the earlier token on ties; text stays, filler goes."""
+    layout, scores, drop_ratio = case
+    expected = [[index < length for index in range(layout.width)] for length in layout.row_lengths]
+    for row, start, length in layout.units:
+        unit = range(start, start + length)
+        ranked = sorted(unit, key=lambda i: (-scores[row][i], i))[: math.floor((1 - drop_ratio) * length)]
+        for i in unit:
+            expected[row][i] = i in ranked
+    keep = top_scored_keep(torch.tensor(scores, dtype=torch.float), layout, drop_ratio)
+    assert keep.tolist() == expected
 
 
 def test_unknown_policy_and_images_after_cached_tokens_are_refused():

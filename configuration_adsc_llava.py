@@ -279,8 +279,9 @@ class AdscScheduleMixin:
             budget: target mean, over all decoder layers, of the vision tokens each layer sees, for one image of
                 `reference_vision_tokens` tokens (LLaVA-1.5: 576, so e.g. 192). `r` is the smallest drop ratio that
                 does not exceed it (`solve_drop_ratio`). None (and no `fraction`): no pruning.
-            pruning_layers: the pruning layers; default this config's own, or, if it has none, the paper's
-                `[2, 8, 16, 24]` scaled to the depth (`default_pruning_layers`).
+            pruning_layers: the pruning layers; default this config's own, or, if it has none, its keep policy's
+                (`policy_pruning_layers`: ADSC's `[2, 8, 16, 24]` of 32, FastV's `[2]`, PyramidDrop's `[8, 16, 24]`,
+                scaled to the depth).
             fraction: the budget as a share of `reference_vision_tokens` instead (1/3 is LLaVA-1.5's 192 of 576).
 
         Raises:
@@ -295,7 +296,7 @@ class AdscScheduleMixin:
             pruning_layers, drop_ratio = [], 0.0
         else:
             if pruning_layers is None:
-                pruning_layers = self.adsc_pruning_layers or default_pruning_layers(num_layers)
+                pruning_layers = self.adsc_pruning_layers or policy_pruning_layers(self.adsc_keep_policy, num_layers)
             pruning_layers = list(pruning_layers)
             validate_schedule(num_layers, pruning_layers, 0.0)
             drop_ratio = solve_drop_ratio(num_layers, pruning_layers, self.reference_vision_tokens, budget)
@@ -326,7 +327,8 @@ class AdscScheduleMixin:
 
         Args:
             stock_config: the stock (or ADSC) config; all its fields are kept.
-            pruning_layers: the pruning layers; defaults to the paper's `[2, 8, 16, 24]` scaled to the depth.
+            pruning_layers: the pruning layers; defaults to the keep policy's own (`policy_pruning_layers`: the
+                paper's `[2, 8, 16, 24]` for ADSC) scaled to the depth.
             drop_ratio: the drop ratio `r`. Give this or `budget`, not both; neither means no pruning.
             budget: target average vision tokens per layer (e.g. 192 of 576), solved by `with_budget`.
             keep_policy: which tokens each image keeps (`KEEP_POLICIES`); the counts do not depend on it.
@@ -341,7 +343,9 @@ class AdscScheduleMixin:
         if budget is not None:
             return config.with_budget(budget, pruning_layers)
         if pruning_layers is None:
-            pruning_layers = default_pruning_layers(config.text_config.num_hidden_layers) if drop_ratio else []
+            pruning_layers = (
+                policy_pruning_layers(keep_policy, config.text_config.num_hidden_layers) if drop_ratio else []
+            )
         config.update({"adsc_pruning_layers": list(pruning_layers), "adsc_drop_ratio": float(drop_ratio or 0.0)})
         validate_schedule(
             config.text_config.num_hidden_layers, config.adsc_pruning_layers, config.adsc_drop_ratio, keep_policy

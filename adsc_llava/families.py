@@ -71,5 +71,8 @@ def adsc_config_for(config):
         return config
     schedule = getattr(config, "schedule", None) or {}
     return family.config_class.from_stock_config(
-        config, pruning_layers=schedule.get("adsc_pruning_layers"), drop_ratio=schedule.get("adsc_drop_ratio")
+        config,
+        pruning_layers=schedule.get("adsc_pruning_layers"),
+        drop_ratio=schedule.get("adsc_drop_ratio"),
+        keep_policy=schedule.get("adsc_keep_policy", "uniform"),
     )

@@ -12,9 +12,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import reference_alive_masks, reference_forward
-from transformers import DynamicCache
+from transformers import DynamicCache, LlavaConfig
 
 from adsc_llava import AdscLlavaConfig
+from adsc_llava.configuration_adsc_llava import policy_pruning_layers
 from adsc_llava.modeling_adsc_llava import StageLayout, VisualUnits, top_scored_keep
 
 from conftest import IMAGE_TOKEN_ID, make_batch, tiny_adsc_model
@@ -133,3 +134,15 @@ def test_policies_share_the_budget_and_round_trip_through_the_config():
     assert fastv.with_budget(8).adsc_keep_policy == "fastv"
     assert AdscLlavaConfig.from_dict(fastv.to_dict()).schedule == fastv.schedule
     assert "adsc_keep_policy" not in fastv.to_llava_config().to_dict()
+
+
+@pytest.mark.parametrize("keep_policy", ["uniform", *SCORED_POLICIES])
+def test_a_policy_without_layers_gets_its_own(keep_policy):
+    """FastV prunes once at K = 2 of 32, PyramidDrop at 8, 16, 24: a config built without layers has the policy's."""
+    stock = LlavaConfig()  # 32 layers, 576 tokens
+    own = policy_pruning_layers(keep_policy, 32)
+    by_ratio = AdscLlavaConfig.from_llava_config(stock, drop_ratio=0.5, keep_policy=keep_policy)
+    by_budget = AdscLlavaConfig.from_llava_config(stock, budget=300, keep_policy=keep_policy)
+    assert by_ratio.adsc_pruning_layers == by_budget.adsc_pruning_layers == own
+    assert by_budget.average_vision_tokens() <= 300
+    assert by_budget.with_budget(400).adsc_pruning_layers == own

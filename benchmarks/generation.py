@@ -19,6 +19,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlavaForConditionalGeneration
 from transformers.cache_utils import Cache
 
+from adsc_llava.benchmarks.syncs import SyncCounter
+
 
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued kernels, so that wall-clock times cover them (a no-op on CPU)."""
@@ -45,6 +47,25 @@ def next_tokens(logits: torch.Tensor, image_token_id: int) -> torch.LongTensor:
     return logits.argmax(dim=-1, keepdim=True)
 
 
+def without_unneeded_mask(inputs: dict) -> dict:
+    """The inputs as `generate` passes them to the model: an all-ones attention mask (no padding) is dropped.
+
+    `generate` reads the mask once, before the first forward; its forwards then build no padding mask at all.
+    """
+    attention_mask = inputs.get("attention_mask")
+    if attention_mask is not None and bool(attention_mask.all()):
+        return {**inputs, "attention_mask": None}
+    return inputs
+
+
+def decode_step(model, tokens: torch.LongTensor, attention_mask: torch.Tensor | None, cache: Cache):
+    """One cached decode step of `(batch, 1)` tokens: the model output and the attention mask it was given."""
+    if attention_mask is not None:
+        attention_mask = torch.cat([attention_mask, torch.ones_like(tokens)], dim=1)
+    output = model(input_ids=tokens, attention_mask=attention_mask, cache=cache, use_cache=True, logits_to_keep=1)
+    return output, attention_mask
+
+
 def greedy_generate(
     model: LlavaForConditionalGeneration,
     inputs: dict,
@@ -53,6 +74,7 @@ def greedy_generate(
 ) -> GenerationTiming:
     """What `generate(max_new_tokens=new_tokens)` runs, greedy and timed: a prefill, then `new_tokens - 1` steps."""
     image_token_id = model.config.image_token_id
+    inputs = without_unneeded_mask(inputs)
     attention_mask = inputs["attention_mask"]
     synchronize(device)
     start = time.perf_counter()
@@ -62,8 +84,7 @@ def greedy_generate(
     prefill_end = time.perf_counter()
     cache = output.cache
     for _ in range(new_tokens - 1):
-        attention_mask = torch.cat([attention_mask, torch.ones_like(tokens)], dim=1)
-        output = model(input_ids=tokens, attention_mask=attention_mask, cache=cache, use_cache=True, logits_to_keep=1)
+        output, attention_mask = decode_step(model, tokens, attention_mask, cache)
         tokens = next_tokens(output.logits, image_token_id)
     synchronize(device)
     decode_seconds = time.perf_counter() - prefill_end
@@ -72,6 +93,17 @@ def greedy_generate(
         decode_seconds_per_token=decode_seconds / max(new_tokens - 1, 1),
         cache=cache,
     )
+
+
+def step_syncs(model, inputs: dict) -> tuple[int, int]:
+    """Host-device syncs of a prefill and of the decode step after it, as `greedy_generate` runs them."""
+    inputs = without_unneeded_mask(inputs)
+    with SyncCounter() as prefill:
+        output = model(**inputs, use_cache=True, logits_to_keep=1)
+    tokens = next_tokens(output.logits, model.config.image_token_id)
+    with SyncCounter() as decode:
+        decode_step(model, tokens, inputs["attention_mask"], output.cache)
+    return prefill.count, decode.count
 
 
 def cache_bytes_per_layer(cache: Cache) -> list[int]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from adsc_llava.benchmarks.generation import next_tokens, synchronize
+from adsc_llava.benchmarks.generation import next_tokens, synchronize, without_unneeded_mask
 from adsc_llava.modeling_adsc_llava import PROFILER_RANGES
 
 FORWARD_KINDS = ("prefill", "decode")
@@ -58,6 +58,7 @@ def measure_pruning_step(model, inputs: dict, device: torch.device, repeats: int
         times.forward_seconds[kind] = 0.0
         times.range_seconds[kind] = {name: 0.0 for name in PROFILER_RANGES.values()}
         times.extra_seconds[kind] = 0.0
+    inputs = without_unneeded_mask(inputs)
     for _ in range(repeats):
         prefill, decode_kwargs = None, None
         for kind in FORWARD_KINDS:
@@ -72,6 +73,8 @@ def measure_pruning_step(model, inputs: dict, device: torch.device, repeats: int
             if kind == "prefill":
                 prefill = output
                 tokens = next_tokens(prefill.logits, model.config.image_token_id)
-                attention_mask = torch.cat([inputs["attention_mask"], torch.ones_like(tokens)], dim=1)
+                attention_mask = inputs["attention_mask"]
+                if attention_mask is not None:
+                    attention_mask = torch.cat([attention_mask, torch.ones_like(tokens)], dim=1)
                 decode_kwargs = {"input_ids": tokens, "attention_mask": attention_mask, "cache": prefill.cache}
     return times

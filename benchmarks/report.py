@@ -37,6 +37,7 @@ class BenchmarkRow:
     kv_bytes_per_layer: list[int]
     decode_weight_bytes: int
     pruning_step: PruningStepTimes | None = None  # None for stock LLaVA
+    syncs: tuple[int, int] | None = None  # host-device syncs of a prefill and of a decode step (`step_syncs`)
 
     @property
     def kv_bytes(self) -> int:
@@ -113,6 +114,8 @@ def format_table(rows: list[BenchmarkRow], weight_bytes: int, vision_tower: bool
         "x stock",
         "KV = analytic",
         "pruning step, % of prefill",
+        "syncs: prefill",
+        "syncs: decode step",
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     stock_rows = {row.batch_size: row for row in rows if row.variant.budget is None}
@@ -136,6 +139,7 @@ def format_table(rows: list[BenchmarkRow], weight_bytes: int, vision_tower: bool
             ratio(row.kv_bytes, stock.kv_bytes),
             "yes" if row.kv_matches_analytic else "NO",
             format_percent(row.pruning_share("prefill")),
+            *(["-", "-"] if row.syncs is None else [str(count) for count in row.syncs]),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

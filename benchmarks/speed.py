@@ -13,7 +13,7 @@ For every batch size the script builds ONE set of random weights, shared (the sa
 `transformers.LlavaForConditionalGeneration` and an `AdscLlavaForConditionalGeneration` whose schedule is switched
 between the budgets (`AdscLlavaConfig.with_budget`).
 Each run is the loop `generate` runs, greedy: one prefill (`logits_to_keep=1`) and `G - 1` decode steps with a
-`DynamicCache`. After `--warmup` untimed rounds, `--repeats` rounds time every model in turn (interleaved, so a change
+`DynamicCache` (ADSC: its `AdscCache`), without the all-ones attention mask that `generate` drops too. After `--warmup` untimed rounds, `--repeats` rounds time every model in turn (interleaved, so a change
 of machine load hits all of them alike) and the medians are reported, each as a ratio to stock next to its ideal:
 
 - prefill time vs the analytic prefill FLOPs ratio (`adsc_llava.cost.estimate_cost`, `lm_head_positions="last"`);
@@ -23,7 +23,9 @@ of machine load hits all of them alike) and the medians are reported, each as a 
   its realistic ideal;
 - peak memory above the weights, measured in an extra untimed run (`generation.peak_memory_bytes` says how);
 - the KV cache bytes actually held by the cache at the end (keys + values of every layer), which must equal the
-  analytic figure exactly (the table says so, per row).
+  analytic figure exactly (the table says so, per row);
+- the host-device syncs of a prefill and of a decode step (`benchmarks/syncs.py`: the calls that make the host wait
+  for a device value, counted on any device), as `generate` runs them: an all-ones attention mask is dropped.
 
 By default the image features are fed precomputed (`mm_encoder_outputs`), so the vision tower and projector are not
 timed: they do the same work in both models (ADSC starts inside the LLM) and would only add the same constant to
@@ -56,7 +58,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LlavaConfig
 
-from adsc_llava.benchmarks.generation import GenerationTiming, greedy_generate, peak_memory_bytes
+from adsc_llava.benchmarks.generation import GenerationTiming, greedy_generate, peak_memory_bytes, step_syncs
 from adsc_llava.benchmarks.models import PRESET_INPUTS, PRESETS, benchmark_config, build_models, make_inputs
 from adsc_llava.benchmarks.pruning_step import measure_pruning_step
 from adsc_llava.benchmarks.report import (
@@ -197,6 +199,7 @@ def run_benchmark(settings: BenchmarkSettings, progress: bool = True) -> list[Be
                 bar.set_postfix_str(f"batch {batch_size}, peak memory, {variant.label}")
                 with variant_model(variant, stock, adsc) as model:
                     peak, kv_bytes = peak_memory_bytes(model, inputs, settings.new_tokens, settings.device)
+                    syncs = step_syncs(model, inputs)
                 bar.update()
                 row = BenchmarkRow(
                     variant=variant,
@@ -219,6 +222,7 @@ def run_benchmark(settings: BenchmarkSettings, progress: bool = True) -> list[Be
                     peak_memory_bytes=peak,
                     kv_bytes_per_layer=kv_bytes,
                     decode_weight_bytes=decode_weight_bytes(stock),
+                    syncs=syncs,
                 )
                 if variant.budget is not None:
                     bar.set_postfix_str(f"batch {batch_size}, pruning step, {variant.label}")
@@ -399,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
             if settings.device.type == "cuda"
             else "tensor storages alive at once (a TorchDispatchMode count; see benchmarks/generation.py)."
         )
-        + " KV MB held: keys + values in the cache after the last decode step."
+        + " KV MB held: keys + values in the cache after the last decode step. Syncs: calls that wait for a device "
+        "value (.item(), bool(tensor), .tolist(), nonzero, boolean indexing...) in one prefill and one decode step."
     )
     print("\nADSC bookkeeping per forward, from its torch.profiler ranges in one profiled prefill and decode step:\n")
     print(format_pruning_table(rows))

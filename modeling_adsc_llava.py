@@ -1148,7 +1148,7 @@ class AdscGenerationMixin:
         transformers hands each chunk its placeholders' feature rows as one entry, so a chunk would see pieces of
         units without their lengths and keep other tokens than one forward does.
         """
-        visual_inputs = [name for name in VISUAL_INPUT_NAMES if model_kwargs.get(name) is not None]
+        visual_inputs = [name for name in VISUAL_INPUT_NAMES if holds_visual_input(model_kwargs.get(name))]
         if generation_config.prefill_chunk_size is not None and visual_inputs:
             raise ValueError(
                 f"ADSC-LLaVA cannot prefill in chunks (prefill_chunk_size={generation_config.prefill_chunk_size}) "
@@ -1165,6 +1165,13 @@ class AdscGenerationMixin:
             "`transformers serve --continuous-batching`): its paged KV cache allocates the same blocks to every "
             "layer, but after a pruning layer the layers cache fewer tokens. Use generate() with the default cache."
         )
+
+
+def holds_visual_input(value) -> bool:
+    """Whether a generation input carries pixels or features (`mm_encoder_outputs` may map every kind to None)."""
+    if isinstance(value, dict):
+        return any(output is not None for output in value.values())
+    return value is not None
 
 
 class AdscLlavaForConditionalGeneration(AdscGenerationMixin, LlavaForConditionalGeneration):

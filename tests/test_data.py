@@ -180,8 +180,14 @@ def test_encoding_is_exact(processor, image_folder, record, expected_ids, expect
 def test_loss_on_every_text_token_when_not_assistant_only(processor, image_folder):
     sample = _dataset([MULTI], processor, image_folder, assistant_only_loss=False)[0]
     assert sample["input_ids"].tolist() == MULTI_IDS
-    # Everything but the image placeholders: the next-token loss of pretraining (the BOS label is never predicted).
-    assert sample["labels"].tolist() == [X if token == IMG else token for token in MULTI_IDS]
+    # Everything but the image placeholders and the token right after them: the next-token loss of pretraining (the
+    # BOS label is never predicted). That token would be predicted from the image's last token, which ADSC drops at
+    # its first pruning layer when an image keeps fewer than half its tokens.
+    follows_image = [False] + [previous == IMG for previous in MULTI_IDS[:-1]]
+    assert sample["labels"].tolist() == [
+        X if token == IMG or after else token for token, after in zip(MULTI_IDS, follows_image, strict=True)
+    ]
+    assert sum(after and token != IMG for token, after in zip(MULTI_IDS, follows_image, strict=True)) == 1
 
 
 def test_llava_hf_template_gets_eos_appended(processor, fallback_processor, image_folder):

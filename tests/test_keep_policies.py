@@ -15,6 +15,7 @@ from reference import reference_alive_masks, reference_forward
 from transformers import DynamicCache, LlavaConfig
 
 from adsc_llava import AdscLlavaConfig
+from adsc_llava import modeling_adsc_llava as modeling
 from adsc_llava.configuration_adsc_llava import policy_pruning_layers
 from adsc_llava.modeling_adsc_llava import StageLayout, VisualUnits, top_scored_keep
 
@@ -146,3 +147,22 @@ def test_a_policy_without_layers_gets_its_own(keep_policy):
     assert by_ratio.adsc_pruning_layers == by_budget.adsc_pruning_layers == own
     assert by_budget.average_vision_tokens() <= 300
     assert by_budget.with_budget(400).adsc_pruning_layers == own
+
+
+@pytest.mark.parametrize("keep_policy", SCORED_POLICIES)
+def test_a_row_whose_query_sees_no_key_scores_zero_not_nan(keep_policy, monkeypatch):
+    """An all-padding row has no token to query from: its scores are 0 (ties keep the earlier tokens), never NaN."""
+    recorded, original = [], modeling.last_token_attention
+
+    def recording(*args, **kwargs):
+        recorded.append(original(*args, **kwargs))
+        return recorded[-1]
+
+    monkeypatch.setattr(modeling, "last_token_attention", recording)
+    model = policy_model(keep_policy, [1, 2], 0.5)
+    batch = make_batch([1, 1], text_lengths=[4, 4], padding_side="left")
+    batch["attention_mask"][1] = 0  # the second row, image included, is all padding
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert recorded and all(torch.isfinite(scores).all() for scores in recorded)
+    assert torch.isfinite(logits[0]).all()

@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import reference_alive_masks, reference_text_hidden_states
 from transformers import DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from conftest import (
     IMAGE_TOKEN_ID,
@@ -199,3 +200,68 @@ def test_image_token_id_in_a_decode_step_is_an_ordinary_token():
         model(**batch, cache=cache, use_cache=True)
         unpruned = model(input_ids=torch.tensor([[IMAGE_TOKEN_ID]]), attention_mask=mask, cache=cache).logits
     assert max_abs_diff(unpruned, logits[1]) <= MAX_ABS_DIFF
+
+
+def test_gradient_checkpointing_with_the_default_use_cache_returns_no_cache_as_stock():
+    """Checkpointed layers run without their cache, so stock turns `use_cache` off; a cache would hold no keys."""
+    model = tiny_adsc_model(pruning_layers=[1, 2], drop_ratio=0.5)
+    batch = make_batch([1, 1], text_lengths=[4, 6], padding_side="right")
+    caches = []
+    for candidate in (stock_twin(model), model):
+        candidate.train()
+        candidate.gradient_checkpointing_enable()
+        caches.append(candidate(**batch).cache)  # no use_cache argument: the config says True
+    assert caches == [None, None]
+
+
+# transformers features around the forward
+
+
+def test_output_attentions_under_sdpa_falls_back_to_eager_attention():
+    """sdpa computes no weights; the forwards that ask for them run eager attention, so they get them all."""
+    sdpa = tiny_adsc_model(pruning_layers=[1], drop_ratio=0.5)
+    eager = tiny_adsc_model(pruning_layers=[1], drop_ratio=0.5, attn_implementation="eager")
+    batch = make_batch([1, 0], padding_side="left")
+    with torch.no_grad():
+        ours, reference = sdpa(**batch, output_attentions=True), eager(**batch, output_attentions=True)
+    assert len(ours.attentions) == len(reference.attentions) == 4
+    for mine, theirs in zip(ours.attentions, reference.attentions, strict=True):
+        assert max_abs_diff(mine, theirs) <= MAX_ABS_DIFF
+    assert sdpa.config.text_config._attn_implementation == "sdpa"  # back to sdpa after the forward
+
+
+def test_chunked_prefill_of_a_prompt_with_images_is_refused_and_of_text_allowed():
+    """transformers gives each chunk its feature rows as one entry: units would be pruned in pieces."""
+    model = tiny_adsc_model(pruning_layers=[1], drop_ratio=0.5)
+    options = dict(max_new_tokens=3, do_sample=False, suppress_tokens=[IMAGE_TOKEN_ID])
+    for images_per_row in ([1], [1, 1]):
+        batch = make_batch(images_per_row, padding_side="left")
+        with torch.no_grad():
+            features = model.model.get_image_features(pixel_values=batch.pop("pixel_values"), return_dict=True)
+        with pytest.raises(
+            ValueError, match=r"cannot prefill in chunks \(prefill_chunk_size=8\) a prompt with images"
+        ):
+            model.generate(**batch, mm_encoder_outputs={"image": features}, prefill_chunk_size=8, **options)
+    with pytest.raises(ValueError, match="cannot prefill in chunks"):  # pixels are encoded before the prefill
+        model.generate(**make_batch([1]), prefill_chunk_size=8, **options)
+    text = make_batch([0], text_lengths=[20])
+    assert torch.equal(model.generate(**text, prefill_chunk_size=8, **options), model.generate(**text, **options))
+
+
+def test_an_empty_feature_list_is_a_prompt_without_images():
+    model = tiny_adsc_model(pruning_layers=[1], drop_ratio=0.5)
+    batch = make_batch([0, 0])
+    with torch.no_grad():
+        expected = model(**batch).logits
+        empty = BaseModelOutputWithPooling(pooler_output=[])
+        assert torch.equal(model(**batch, mm_encoder_outputs={"image": empty}).logits, expected)
+
+
+def test_adsc_prompt_length_never_reaches_the_vision_tower():
+    model = tiny_adsc_model(pruning_layers=[1], drop_ratio=0.5)
+    model.config.adsc_keep_policy = "fastv"  # generate() then passes adsc_prompt_length to every forward
+    seen = []
+    model.model.vision_tower.register_forward_pre_hook(lambda module, args, kwargs: seen.append(set(kwargs)),
+                                                       with_kwargs=True)  # fmt: skip
+    model.generate(**make_batch([1]), max_new_tokens=2, do_sample=False, suppress_tokens=[IMAGE_TOKEN_ID])
+    assert seen and not any("adsc_prompt_length" in kwargs for kwargs in seen)

@@ -430,7 +430,7 @@ class ConversationEncoder:
     Args:
         processor: A LLaVA processor with a chat template (`LlavaProcessor` of the checkpoint being trained).
         assistant_only_loss: Supervise the assistant answers only (LLaVA). False: every text token (prompts too,
-            image placeholders never), the next-token loss of pretraining, e.g. for a model trained from scratch.
+            never image placeholders nor the token after one), the next-token loss of pretraining (from scratch).
     """
 
     def __init__(self, processor: ProcessorMixin, assistant_only_loss: bool = True):
@@ -499,7 +499,11 @@ class ConversationEncoder:
         if self.assistant_only_loss:
             labels = input_ids.masked_fill(~answers, IGNORE_INDEX)
         else:
-            labels = input_ids.masked_fill(input_ids == self.image_token_id, IGNORE_INDEX)
+            # The token after an image is predicted from the image's last token, which ADSC drops at its first
+            # pruning layer when an image keeps fewer than half its tokens: that label would train a shallow state.
+            image = input_ids == self.image_token_id
+            after_image = torch.nn.functional.pad(image[:-1], (1, 0)) & ~image
+            labels = input_ids.masked_fill(image | after_image, IGNORE_INDEX)
         return {"input_ids": input_ids, "labels": labels, **visual}
 
     def _tokenize_with_mask(
@@ -603,7 +607,7 @@ class LlavaInstructDataset(Dataset):
         truncate_long_samples: Cut too-long samples to `max_length` instead of rejecting them, as LLaVA does,
             but only when the cut splits no image and leaves at least one supervised token.
         assistant_only_loss: Supervise the assistant answers only (LLaVA). False: every text token (prompts too,
-            image placeholders never), the next-token loss of pretraining, e.g. for a model trained from scratch.
+            never image placeholders nor the token after one), the next-token loss of pretraining (from scratch).
     """
 
     def __init__(

@@ -258,10 +258,13 @@ def test_an_empty_feature_list_is_a_prompt_without_images():
 
 
 def test_adsc_prompt_length_never_reaches_the_vision_tower():
+    """Score-based policies take it in every forward (`generate` passes it); CLIP's layers must not get it."""
     model = tiny_adsc_model(pruning_layers=[1], drop_ratio=0.5)
-    model.config.adsc_keep_policy = "fastv"  # generate() then passes adsc_prompt_length to every forward
+    model.config.adsc_keep_policy = "fastv"
     seen = []
     model.model.vision_tower.register_forward_pre_hook(lambda module, args, kwargs: seen.append(set(kwargs)),
                                                        with_kwargs=True)  # fmt: skip
-    model.generate(**make_batch([1]), max_new_tokens=2, do_sample=False, suppress_tokens=[IMAGE_TOKEN_ID])
+    batch = make_batch([1])
+    with torch.no_grad():
+        model(**batch, adsc_prompt_length=batch["input_ids"].shape[1] - 2)
     assert seen and not any("adsc_prompt_length" in kwargs for kwargs in seen)

@@ -2,8 +2,10 @@
 
 On the CPU, sdpa always runs its math kernel; here the same ADSC forward must pick the fused kernels and agree with
 fp32 eager, and an unpadded prompt must run with *only* the flash backend allowed (so no stage passes a mask to
-sdpa that would rule flash out).
+sdpa that would rule flash out), and no decode step synchronizes.
 """
+
+import warnings
 
 import pytest
 import torch
@@ -106,3 +108,46 @@ def test_offloaded_cache_generation_equals_the_default_cache():
     batch = on_gpu(make_batch([1, 0, 2], padding_side="left"), torch.float32)
     offloaded = model.generate(**batch, **GENERATE, cache_implementation="offloaded")
     assert torch.equal(offloaded, model.generate(**batch, **GENERATE))
+
+
+def syncing_calls(run) -> int:
+    """Synchronizing CUDA calls `run()` makes (torch's sync debug mode warns at each: copies to the host, blocking
+    host-to-device copies, stream synchronizations)."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing" in str(warning.message) for warning in caught)
+
+
+@pytest.mark.parametrize("images_per_row", [[1], [1, 0, 2]], ids=["batch-1", "padded-batch-3"])
+def test_a_decode_step_never_syncs_and_a_prefill_at_most_once_per_pruning_layer(images_per_row):
+    """What the CPU count (tests/test_syncs.py) predicts, on the device itself: blocking copies included."""
+    model = tiny_adsc_model(**PRUNED, attn_implementation="sdpa").cuda()
+    stock = stock_twin(model).cuda()
+    batch = on_gpu(make_batch(images_per_row, padding_side="left"), torch.float32)
+    with torch.no_grad():
+        features = {"image": model.model.get_image_features(pixel_values=batch.pop("pixel_values"), return_dict=True)}
+    mask = None if bool(batch["attention_mask"].all()) else batch["attention_mask"]  # as generate passes it
+    counts = {}
+    for name, candidate in (("stock", stock), ("adsc", model)):
+        outputs = {}
+
+        def prefill(candidate=candidate, outputs=outputs):
+            outputs["prefill"] = candidate(
+                input_ids=batch["input_ids"], attention_mask=mask, mm_encoder_outputs=features
+            )
+
+        def decode(candidate=candidate, outputs=outputs):
+            step = outputs["prefill"].logits[:, -1:].argmax(dim=-1)
+            step_mask = None if mask is None else torch.cat([mask, torch.ones_like(step)], dim=1)
+            candidate(input_ids=step, attention_mask=step_mask, cache=outputs["prefill"].cache, use_cache=True)
+
+        with torch.no_grad():
+            counts[name] = (syncing_calls(prefill), syncing_calls(decode))
+    assert counts["adsc"][0] <= counts["stock"][0] + len(PRUNED["pruning_layers"]), counts
+    assert counts["adsc"][1] == 0, counts

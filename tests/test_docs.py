@@ -31,7 +31,8 @@ API_OBJECTS = (
     "modeling_adsc_llava_next.AdscLlavaNextForConditionalGeneration",
     "modeling_adsc_llava_onevision.AdscLlavaOnevisionForConditionalGeneration",
     "modeling_adsc_llava.AdscCache",
-    "modeling_adsc_llava.uniform_keep_indices",
+    "configuration_adsc_llava.uniform_keep_positions",
+    "modeling_adsc_llava.plan_stages",
     "adsc_llava.register_auto_classes",
 )
 MKDOCS_ENV = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}

@@ -388,10 +388,13 @@ def test_assistant_only_loss_false_supervises_the_prompts_too(workspace, tmp_pat
         config = train_config(workspace, tmp_path / str(assistant_only), assistant_only_loss=assistant_only)
         trainer, _, _ = trainer_module.build_trainer(config)
         sample = trainer.train_dataset[0]
-        text = sample["input_ids"] != image_token_id
+        image = sample["input_ids"] == image_token_id
+        after_image = torch.nn.functional.pad(image[:-1], (1, 0)) & ~image  # predicted from the image's last token
+        text = ~image & ~after_image
+        assert bool(after_image.any())
         supervised = sample["labels"] != IGNORE_INDEX
         assert bool(supervised[text].all()) is expect_prompts_supervised
-        assert not supervised[~text].any()  # image placeholders never
+        assert not supervised[image | after_image].any()  # image placeholders and the token after them never
 
 
 def test_an_interrupted_save_never_becomes_the_last_checkpoint(workspace, tmp_path, monkeypatch):

@@ -96,13 +96,17 @@ def greedy_generate(
 
 
 def step_syncs(model, inputs: dict) -> tuple[int, int]:
-    """Host-device syncs of a prefill and of the decode step after it, as `greedy_generate` runs them."""
+    """Host-device syncs of a prefill and of the decode step after it, as `greedy_generate` runs them.
+
+    Counted under `no_grad`, also when called inside `inference_mode`, where `SyncCounter` would see no operator.
+    """
     inputs = without_unneeded_mask(inputs)
-    with SyncCounter() as prefill:
-        output = model(**inputs, use_cache=True, logits_to_keep=1)
-    tokens = next_tokens(output.logits, model.config.image_token_id)
-    with SyncCounter() as decode:
-        decode_step(model, tokens, inputs["attention_mask"], output.cache)
+    with torch.inference_mode(False), torch.no_grad():
+        with SyncCounter() as prefill:
+            output = model(**inputs, use_cache=True, logits_to_keep=1)
+        tokens = next_tokens(output.logits, model.config.image_token_id)
+        with SyncCounter() as decode:
+            decode_step(model, tokens, inputs["attention_mask"], output.cache)
     return prefill.count, decode.count
 
 

@@ -13,8 +13,9 @@ For every batch size the script builds ONE set of random weights, shared (the sa
 `transformers.LlavaForConditionalGeneration` and an `AdscLlavaForConditionalGeneration` whose schedule is switched
 between the budgets (`AdscLlavaConfig.with_budget`).
 Each run is the loop `generate` runs, greedy: one prefill (`logits_to_keep=1`) and `G - 1` decode steps with a
-`DynamicCache` (ADSC: its `AdscCache`), without the all-ones attention mask that `generate` drops too. After `--warmup` untimed rounds, `--repeats` rounds time every model in turn (interleaved, so a change
-of machine load hits all of them alike) and the medians are reported, each as a ratio to stock next to its ideal:
+`DynamicCache` (ADSC: its `AdscCache`), without the all-ones attention mask that `generate` drops too. After
+`--warmup` untimed rounds, `--repeats` rounds time every model in turn (interleaved, so a change of machine load hits
+all of them alike) and the medians are reported, each as a ratio to stock next to its ideal:
 
 - prefill time vs the analytic prefill FLOPs ratio (`adsc_llava.cost.estimate_cost`, `lm_head_positions="last"`);
 - decode time per token vs the decode FLOPs ratio, and vs the bytes a decode step moves: the LLM's weights, read

@@ -84,6 +84,12 @@ class SyncCounter:
         return sum(self.calls.values())
 
     def __enter__(self) -> "SyncCounter":
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "SyncCounter counts nothing under torch.inference_mode(): operators on inference tensors bypass "
+                "Python dispatch modes. Count under torch.no_grad() (inside inference_mode, add "
+                "torch.inference_mode(False))."
+            )
         for mode in self._modes:
             mode.__enter__()
         return self

@@ -267,6 +267,8 @@ def test_benchmark_smoke_run(capsys, tmp_path):
     assert all(row["batch"] == "1" and row["KV = analytic"] == "yes" for row in rows)
     stock, pruned = rows[0], rows[1:]
     assert stock["vision tokens per layer"] == "576x10" and stock["x stock"] == "1.000"
+    # Stock LLaVA reads its feature count; counted outside the bench's inference_mode, where the counter sees nothing.
+    assert (stock["syncs: prefill"], stock["syncs: decode step"]) == ("2", "0")
     kv_megabytes = [float(row["KV MB held"]) for row in rows]
     assert all(kv < kv_megabytes[0] for kv in kv_megabytes[1:])
     assert kv_megabytes[1:] == sorted(kv_megabytes[1:], reverse=True)  # smaller budget, smaller cache

@@ -91,3 +91,8 @@ def test_the_counter_sees_every_kind_of_sync():
         torch.argsort(mask.to(torch.int8), stable=True)[:3]
         values.long().repeat_interleave(values.long(), output_size=15)
     assert counter.count == 0, counter.calls
+
+
+def test_the_counter_refuses_inference_mode_where_it_would_see_nothing():
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        SyncCounter().__enter__()

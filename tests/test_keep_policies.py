@@ -5,6 +5,7 @@ own attention weights and picks tokens one image at a time in plain Python; then
 same cache lengths (budget accounting) for every policy, the vectorised top-k against a loop with ties, and errors.
 """
 
+import importlib.util
 import math
 
 import pytest
@@ -15,8 +16,10 @@ from reference import reference_alive_masks, reference_forward
 from transformers import DynamicCache, LlavaConfig
 
 from adsc_llava import AdscLlavaConfig
+from adsc_llava import configuration_adsc_llava as configuration
 from adsc_llava import modeling_adsc_llava as modeling
 from adsc_llava.configuration_adsc_llava import policy_pruning_layers
+from adsc_llava.families import adsc_config_for
 from adsc_llava.modeling_adsc_llava import StageLayout, VisualUnits, top_scored_keep
 
 from conftest import IMAGE_TOKEN_ID, make_batch, tiny_adsc_model
@@ -166,3 +169,24 @@ def test_a_row_whose_query_sees_no_key_scores_zero_not_nan(keep_policy, monkeypa
         logits = model(**batch).logits
     assert recorded and all(torch.isfinite(scores).all() for scores in recorded)
     assert torch.isfinite(logits[0]).all()
+
+
+def test_a_remote_code_config_keeps_its_keep_policy_in_the_librarys_class():
+    """A checkpoint's config loaded with `trust_remote_code` is another class object with the same fields; tools
+    that solve budgets (`adsc-llava cost`, `bench`) turn it into the library's class, keep policy included."""
+    spec = importlib.util.spec_from_file_location("remote_configuration_adsc_llava", configuration.__file__)
+    remote_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(remote_module)
+    remote = remote_module.AdscLlavaConfig.from_llava_config(LlavaConfig(), budget=192, keep_policy="fastv")
+    assert not isinstance(remote, AdscLlavaConfig)
+    library = adsc_config_for(remote)
+    assert isinstance(library, AdscLlavaConfig)
+    assert (
+        library.schedule
+        == remote.schedule
+        == {
+            "adsc_pruning_layers": [2],
+            "adsc_drop_ratio": remote.adsc_drop_ratio,
+            "adsc_keep_policy": "fastv",
+        }
+    )

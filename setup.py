@@ -19,6 +19,10 @@ SHIPPED_FILES = (
     "modeling_adsc_llava_next.py",
     "configuration_adsc_llava_onevision.py",
     "modeling_adsc_llava_onevision.py",
+    "configuration_adsc_qwen2_5_vl.py",
+    "modeling_adsc_qwen2_5_vl.py",
+    "configuration_adsc_qwen3_vl.py",
+    "modeling_adsc_qwen3_vl.py",
     "model_card.md",
 )
 # What `transformers serve` needs (transformers' own `serving` extra, without its torch floor), for `adsc-llava serve`;

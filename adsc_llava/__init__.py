@@ -1,4 +1,4 @@
-"""adsc-llava: LLaVA models that compute on fewer vision tokens inside their language model (ADSC).
+"""adsc-llava: LLaVA and Qwen-VL models that compute on fewer vision tokens inside their language model (ADSC).
 
 The package holds the library (`convert`, `cost`, `model_card`, `testing`, the `adsc-llava` CLI) and, as
 subpackages, fine-tuning (`adsc_llava.train`), the speed benchmark (`adsc_llava.benchmarks`) and the demo
@@ -17,12 +17,16 @@ if (_SOURCE_ROOT / "modeling_adsc_llava.py").is_file():
 from .configuration_adsc_llava import AdscLlavaConfig, uniform_keep_positions  # noqa: E402
 from .configuration_adsc_llava_next import AdscLlavaNextConfig  # noqa: E402
 from .configuration_adsc_llava_onevision import AdscLlavaOnevisionConfig  # noqa: E402
+from .configuration_adsc_qwen2_5_vl import AdscQwen2_5_VLConfig  # noqa: E402
+from .configuration_adsc_qwen3_vl import AdscQwen3VLConfig  # noqa: E402
 
 # name -> modeling module: imported on first use, so that config-only tools such as the cost model start fast.
 _MODELING_NAMES = {
     "AdscLlavaForConditionalGeneration": "modeling_adsc_llava",
     "AdscLlavaNextForConditionalGeneration": "modeling_adsc_llava_next",
     "AdscLlavaOnevisionForConditionalGeneration": "modeling_adsc_llava_onevision",
+    "AdscQwen2_5_VLForConditionalGeneration": "modeling_adsc_qwen2_5_vl",
+    "AdscQwen3VLForConditionalGeneration": "modeling_adsc_qwen3_vl",
 }
 
 
@@ -62,6 +66,10 @@ __all__ = [
     "AdscLlavaNextForConditionalGeneration",
     "AdscLlavaOnevisionConfig",
     "AdscLlavaOnevisionForConditionalGeneration",
+    "AdscQwen2_5_VLConfig",
+    "AdscQwen2_5_VLForConditionalGeneration",
+    "AdscQwen3VLConfig",
+    "AdscQwen3VLForConditionalGeneration",
     "register_auto_classes",
     "shipped_file",
     "uniform_keep_positions",

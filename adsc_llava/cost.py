@@ -1,4 +1,4 @@
-"""Analytic cost model of (ADSC-)LLaVA: FLOPs of every component and KV-cache bytes, per layer.
+"""Analytic cost model of (ADSC-)LLaVA and Qwen-VL: FLOPs of every component and KV-cache bytes, per layer.
 
 The counting conventions are those of the DeepSpeed flops profiler, which the paper used for its Table IV:
 
@@ -28,6 +28,10 @@ Every dimension is read from the config (`text_config`, `vision_config`), so lla
 defaults from their JSON work as loaded. `T` (`prompt_tokens`) counts the text tokens of the prompt only: the
 `<image>` placeholders are expanded to `num_images x vision_tokens_per_image` separately.
 
+Qwen2.5-VL and Qwen3-VL: the language model is counted as above (Qwen3-VL's q/k norms are element-wise); the input's
+grid, its visual units and the vision side's FLOPs come from `adsc_llava.cost_qwen`. A Qwen3-VL video is one unit per
+temporal patch, so `vision_tokens_per_image` is then a frame's tokens and `units_per_input` the frames.
+
 Example:
 
 ```python
@@ -47,15 +51,23 @@ from typing import Any, Literal
 
 from transformers import LlavaConfig
 
+from adsc_llava import cost_qwen
 from adsc_llava.configuration_adsc_llava import (
     AdscLlavaConfig,
 )
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"  # package data
-REFERENCE_CONFIGS = ("llava-1.5-7b", "llava-1.5-13b", "llava-next-7b", "llava-onevision-7b")
+REFERENCE_CONFIGS = (
+    "llava-1.5-7b",
+    "llava-1.5-13b",
+    "llava-next-7b",
+    "llava-onevision-7b",
+    "qwen2.5-vl-7b",
+    "qwen3-vl-8b",
+)
 
 # Decoder-only text models whose layers are Llama-shaped: q/k/v/o projections and a gated (gate/up/down) MLP.
-GATED_MLP_TEXT_MODELS = ("llama", "mistral", "qwen2")
+GATED_MLP_TEXT_MODELS = ("llama", "mistral", "qwen2", "qwen2_5_vl_text", "qwen3_vl_text")
 # ViT towers with a bias-free patch convolution, and whether each has a CLS token.
 VISION_MODELS = {"clip_vision_model": True, "siglip_vision_model": False}
 # The image NeXT / OneVision budgets and tables refer to by default: a 640 x 480 photo, (H, W).
@@ -110,6 +122,9 @@ class LlavaDims:
     has_cls: bool = True  # CLIP's class token (SigLIP has none)
     crops_per_image: int = 1  # vision-tower passes per image: NeXT / OneVision crops with the base view, or frames
     projector_tokens_per_image: int | None = None  # features projected per image; default vision_tokens_per_image
+    units_per_input: int = 1  # visual units per image or video, of `vision_tokens_per_image` tokens each
+    vision_tower_flops_per_input: int | None = None  # Qwen-VL: the tower's FLOPs on one input, by its grid
+    projector_flops_per_input: int | None = None  # Qwen-VL: the patch merger(s)
 
     @property
     def num_patches(self) -> int:
@@ -123,18 +138,15 @@ class LlavaDims:
 
     @classmethod
     def from_config(cls, config: LlavaConfig) -> "LlavaDims":
-        """Read the dimensions from a (stock or ADSC) LLaVA config.
+        """Read the dimensions from a (stock or ADSC) LLaVA or Qwen-VL config.
 
         Raises:
             ValueError: if the text or vision model is of a kind this cost model does not describe, or if
                 `vision_feature_select_strategy` is unknown.
         """
-        text, vision = config.text_config, config.vision_config
-        if text.model_type not in GATED_MLP_TEXT_MODELS:
-            raise ValueError(
-                f"text_config.model_type {text.model_type!r} is not supported by the cost model: it describes "
-                f"decoders with q/k/v/o projections and a gated MLP ({', '.join(GATED_MLP_TEXT_MODELS)})."
-            )
+        if cost_qwen.is_qwen(config):
+            return cls.from_qwen_config(config)
+        text, vision = text_dims(config.text_config), config.vision_config
         if vision.model_type not in VISION_MODELS:
             raise ValueError(
                 f"vision_config.model_type {vision.model_type!r} is not supported by the cost model: it describes "
@@ -155,15 +167,8 @@ class LlavaDims:
         else:
             raise ValueError(f"Unknown vision_feature_select_strategy {strategy!r}: expected 'default' or 'full'.")
         feature_layer = config.vision_feature_layer
-        num_attention_heads = text.num_attention_heads
         return cls(
-            hidden_size=text.hidden_size,
-            intermediate_size=text.intermediate_size,
-            num_layers=text.num_hidden_layers,
-            num_attention_heads=num_attention_heads,
-            num_key_value_heads=getattr(text, "num_key_value_heads", None) or num_attention_heads,
-            head_dim=getattr(text, "head_dim", None) or text.hidden_size // num_attention_heads,
-            vocab_size=text.vocab_size,
+            **text,
             vision_hidden_size=vision.hidden_size,
             vision_intermediate_size=vision.intermediate_size,
             vision_num_layers=vision.num_hidden_layers,
@@ -175,11 +180,48 @@ class LlavaDims:
             has_cls=has_cls,
         )
 
+    @classmethod
+    def from_qwen_config(cls, config) -> "LlavaDims":
+        """A Qwen2.5-VL / Qwen3-VL config's dimensions, for its reference image (a 1280 x 720 photo)."""
+        vision = config.vision_config
+        dims = cls(
+            **text_dims(config.text_config),
+            vision_hidden_size=vision.hidden_size,
+            vision_intermediate_size=vision.intermediate_size,
+            vision_num_layers=vision.depth,
+            image_size=0,  # native resolution: the input's grid, not a fixed crop, sets the vision side's cost
+            patch_size=vision.patch_size,
+            num_channels=vision.in_channels,
+            num_feature_layers=1,
+            vision_tokens_per_image=0,
+            has_cls=False,
+        )
+        return dims.for_input(config)
+
     def for_input(
         self, config: LlavaConfig, image_size: tuple[int, int] | None = None, video_frames: int | None = None
     ):
-        """These dimensions for one input of a LLaVA-NeXT / OneVision model: an image of `image_size` (H, W) or a
-        video of `video_frames` frames (default: the 640 x 480 reference image). LLaVA-1.5 takes no input size."""
+        """These dimensions for one input of a LLaVA-NeXT / OneVision / Qwen-VL model: an image of `image_size`
+        (H, W) or a video of `video_frames` frames (Qwen-VL: of `image_size` each; default: the family's reference
+        image, `reference_image_size`). LLaVA-1.5 takes no input size."""
+        if cost_qwen.is_qwen(config):
+            height, width = image_size if image_size is not None else cost_qwen.REFERENCE_IMAGE_SIZE
+            video = video_frames is not None
+            grid = (
+                cost_qwen.video_grid(config, video_frames, height, width)
+                if video
+                else cost_qwen.image_grid(config, height, width)
+            )
+            units = cost_qwen.visual_units(config, grid, video)
+            tower, projector = cost_qwen.vision_flops(config, grid)
+            return replace(
+                self,
+                vision_tokens_per_image=units[0],
+                units_per_input=len(units),
+                crops_per_image=grid[0],
+                vision_tower_flops_per_input=tower,
+                projector_flops_per_input=projector,
+            )
         if config.model_type in ("llava", "adsc_llava"):
             if image_size is not None or video_frames is not None:
                 raise ValueError("LLaVA-1.5 turns every image into the same tokens: give no image size, no frames.")
@@ -197,6 +239,30 @@ class LlavaDims:
         return replace(
             self, vision_tokens_per_image=tokens, crops_per_image=passes, projector_tokens_per_image=projected
         )
+
+
+def text_dims(text) -> dict:
+    """The language model's dimensions, from a `text_config`."""
+    if text.model_type not in GATED_MLP_TEXT_MODELS:
+        raise ValueError(
+            f"text_config.model_type {text.model_type!r} is not supported by the cost model: it describes "
+            f"decoders with q/k/v/o projections and a gated MLP ({', '.join(GATED_MLP_TEXT_MODELS)})."
+        )
+    num_attention_heads = text.num_attention_heads
+    return dict(
+        hidden_size=text.hidden_size,
+        intermediate_size=text.intermediate_size,
+        num_layers=text.num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=getattr(text, "num_key_value_heads", None) or num_attention_heads,
+        head_dim=getattr(text, "head_dim", None) or text.hidden_size // num_attention_heads,
+        vocab_size=text.vocab_size,
+    )
+
+
+def reference_image_size(config) -> tuple[int, int]:
+    """The (H, W) photo a NeXT / OneVision / Qwen-VL config's budgets refer to: 640 x 480, or 1280 x 720 for Qwen."""
+    return cost_qwen.REFERENCE_IMAGE_SIZE if cost_qwen.is_qwen(config) else REFERENCE_IMAGE_SIZE
 
 
 def anyres_image_tokens(config, height: int, width: int) -> tuple[int, int]:
@@ -264,12 +330,16 @@ def vision_layer_flops(dims: LlavaDims) -> int:
 
 def vision_tower_flops(dims: LlavaDims, num_images: int = 1) -> int:
     """The whole vision tower (patch embedding + every encoder layer) on `num_images` images, every crop of each."""
+    if dims.vision_tower_flops_per_input is not None:
+        return num_images * dims.vision_tower_flops_per_input
     per_crop = patch_embedding_flops(dims) + dims.vision_num_layers * vision_layer_flops(dims)
     return num_images * dims.crops_per_image * per_crop
 
 
 def projector_flops(dims: LlavaDims, num_images: int = 1) -> int:
     """The multimodal projector (`linear_1`, GELU, `linear_2`) on the selected vision tokens of `num_images` images."""
+    if dims.projector_flops_per_input is not None:
+        return num_images * dims.projector_flops_per_input
     tokens = num_images * (dims.projector_tokens_per_image or dims.vision_tokens_per_image)
     in_features = dims.vision_hidden_size * dims.num_feature_layers
     linear_1 = linear_flops(tokens, in_features, dims.hidden_size)
@@ -372,7 +442,7 @@ class CostReport:
     Attributes:
         prompt_tokens: text tokens of each prompt (`T`), image placeholders excluded.
         new_tokens: generated tokens (`G`); the run is one prefill plus `G - 1` decode steps.
-        num_images: images per sequence.
+        num_images: images (or videos) per sequence.
         batch_size: sequences in the batch.
         kv_dtype_bytes: bytes per cached key/value element.
         lm_head_positions: `"all"` (every prefill position, DeepSpeed / the paper) or `"last"` (transformers'
@@ -518,8 +588,9 @@ def estimate_cost(
         kv_dtype: dtype of the KV cache: a name (`"float32"`, `"bfloat16"`, ...), a `torch.dtype` or a byte count.
         lm_head_positions: `"all"` to run the lm_head on every prefill position (the paper's DeepSpeed count),
             `"last"` for one position per sequence (transformers' `generate`, `logits_to_keep=1`).
-        image_size: LLaVA-NeXT / OneVision: each image's `(height, width)` (default: the 640 x 480 reference).
-        video_frames: OneVision: each visual input is a video of this many frames instead.
+        image_size: LLaVA-NeXT / OneVision / Qwen-VL: each image's `(height, width)` (default: the family's
+            reference photo, 640 x 480 or, for Qwen-VL, 1280 x 720); Qwen-VL videos: each frame's.
+        video_frames: OneVision / Qwen-VL: each visual input is a video of this many frames instead.
 
     Returns:
         A `CostReport`.
@@ -535,7 +606,7 @@ def estimate_cost(
     if prompt_tokens + num_images * dims.vision_tokens_per_image == 0:
         raise ValueError("The prompt is empty: give prompt_tokens > 0 or num_images > 0.")
 
-    prefill_tokens = prefill_tokens_per_layer(prompt_tokens, num_images, schedule)
+    prefill_tokens = prefill_tokens_per_layer(prompt_tokens, num_images * dims.units_per_input, schedule)
     last_layer_positions = prefill_tokens[-1] if lm_head_positions == "all" else 1
     decode_layer_flops = [
         [batch_size * decoder_layer_flops(dims, 1, tokens + step) for tokens in prefill_tokens]

@@ -1,4 +1,4 @@
-"""Print the paper's Table IV (FLOPs and KV cache per vision-token budget) for any LLaVA config, and plot it.
+"""Print the paper's Table IV (FLOPs and KV cache per vision-token budget) for a LLaVA or Qwen-VL config; plot it.
 
 Usage:
 
@@ -36,8 +36,10 @@ from adsc_llava.cost import (
     format_schedule,
     load_config,
     load_reference_config,
+    reference_image_size,
     stock_and_adsc_costs,
 )
+from adsc_llava.cost_qwen import is_qwen
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,9 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--image-size",
         type=image_size_arg,
         default=None,
-        help="NeXT / OneVision: the images' size as HxW, e.g. 480x640 (default: the 640 x 480 reference image).",
+        help="NeXT / OneVision / Qwen-VL: the images' size as HxW, e.g. 480x640 (default: the family's reference "
+        "photo, 640 x 480 or, for Qwen-VL, 1280 x 720); Qwen-VL videos: each frame's.",
     )
-    parser.add_argument("--video-frames", type=int, default=None, help="OneVision: a video of N frames instead.")
+    parser.add_argument(
+        "--video-frames", type=int, default=None, help="OneVision / Qwen-VL: a video of N frames instead."
+    )
     parser.add_argument("--prompt-tokens", type=int, default=PAPER_PROMPT_TOKENS, help="Text tokens per prompt (T).")
     parser.add_argument("--new-tokens", type=int, default=PAPER_NEW_TOKENS, help="Generated tokens (G).")
     parser.add_argument(
@@ -112,22 +117,45 @@ def image_size_arg(text: str) -> tuple[int, int]:
 # Inputs the anyres table compares (H, W) and, for OneVision, videos by frame count.
 TYPICAL_IMAGE_SIZES = ((336, 336), (480, 640), (768, 1024), (1080, 1920))
 TYPICAL_VIDEO_FRAMES = (8, 16, 32)
+# Qwen-VL runs images at their native resolution and videos of any frame size: (frames, (H, W)).
+TYPICAL_QWEN_IMAGE_SIZES = ((480, 640), (720, 1280), (1080, 1920), (2160, 3840))
+TYPICAL_QWEN_VIDEOS = ((8, (360, 640)), (32, (360, 640)), (32, (720, 1280)))
 
 
-def typical_inputs_table(config, drop_ratio: float, pruning_layers: list[int], args) -> str:
-    """Stock vs ADSC at one drop ratio for typical image sizes (and, for OneVision, videos): the savings by input."""
-    solved = adsc_config(config).with_budget(None)
-    solved.update({"adsc_pruning_layers": pruning_layers, "adsc_drop_ratio": drop_ratio})
+def typical_inputs(config) -> list[tuple[str, dict]]:
+    """(label, `estimate_cost` keywords) of the typical inputs of the config's family."""
+    if is_qwen(config):
+        inputs = [
+            (f"{height}x{width} image", {"image_size": (height, width)}) for height, width in TYPICAL_QWEN_IMAGE_SIZES
+        ]
+        return inputs + [
+            (f"{frames}-frame {height}x{width} video", {"video_frames": frames, "image_size": (height, width)})
+            for frames, (height, width) in TYPICAL_QWEN_VIDEOS
+        ]
     inputs = [(f"{height}x{width} image", {"image_size": (height, width)}) for height, width in TYPICAL_IMAGE_SIZES]
     if getattr(config, "video_token_id", None) is not None:
         inputs += [(f"{frames}-frame video", {"video_frames": frames}) for frames in TYPICAL_VIDEO_FRAMES]
+    return inputs
+
+
+def typical_inputs_table(config, drop_ratio: float, pruning_layers: list[int], args) -> str:
+    """Stock vs ADSC at one drop ratio for typical image sizes (and videos): the savings by input.
+
+    `vision tokens` counts all of an input's tokens (a Qwen3-VL video: every frame's); `avg per layer` their mean
+    over the decoder layers.
+    """
+    solved = adsc_config(config).with_budget(None)
+    solved.update({"adsc_pruning_layers": pruning_layers, "adsc_drop_ratio": drop_ratio})
+    inputs = typical_inputs(config)
     header = ["input", "vision tokens", "avg per layer", "TFLOPs stock", "TFLOPs ADSC", "x stock", "KV MB stock"]
     lines = ["| " + " | ".join(header + ["KV MB ADSC", "x stock"]) + " |", "|" + "---|" * (len(header) + 2)]
     for label, visual in inputs:
         stock, adsc = stock_and_adsc_costs(
             solved, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, kv_dtype=args.kv_dtype, **visual
         )
-        cells = [label, str(stock.vision_tokens_per_layer[0]), f"{adsc.average_vision_tokens:.0f}"]
+        vision_tokens = [tokens - args.prompt_tokens for tokens in adsc.prefill_tokens_per_layer]
+        cells = [label, str(stock.prefill_tokens_per_layer[0] - args.prompt_tokens)]
+        cells.append(f"{sum(vision_tokens) / len(vision_tokens):.0f}")
         cells += [f"{stock.tflops:.2f}", f"{adsc.tflops:.2f}", f"{adsc.total_flops / stock.total_flops:.3f}"]
         cells += [
             f"{stock.kv_megabytes:.1f}",
@@ -349,10 +377,12 @@ def main(argv: list[str] | None = None) -> int:
         if show_paper_kv:
             print("\n".join(paper_kv_note(rows)))
     if anyres:
+        height, width = reference_image_size(config)
+        units = f" in {dims.units_per_input} units" if dims.units_per_input > 1 else ""
         print(
-            f"\nBudgets refer to the reference image of {reference} tokens (640 x 480); the rows above are for "
-            f"{dims.vision_tokens_per_image} tokens per input. The same schedule (r = {rows[1][1]:.4g}) on typical "
-            "inputs:\n"
+            f"\nBudgets refer to the reference image of {reference} tokens ({width} x {height}); the rows above are "
+            f"for {dims.units_per_input * dims.vision_tokens_per_image} tokens per input{units}. The same schedule "
+            f"(r = {rows[1][1]:.4g}) on typical inputs:\n"
         )
         print(typical_inputs_table(config, rows[1][1], pruning_layers, args))
     if args.plot is not None:

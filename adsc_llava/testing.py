@@ -301,3 +301,138 @@ def build_next_processor(
         num_additional_image_tokens=1,  # the CLS token, dropped again by the "default" strategy
         chat_template=chat_template,
     )
+
+
+# Qwen-VL: special tokens in Qwen's order of use; `<|im_end|>` ends turns (EOS), `<|endoftext|>` pads, no BOS.
+QWEN_SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+QWEN_PROMPT_WORDS = ("user", "assistant", "system", "\n")
+# Qwen2-VL's chat template without the default system turn, with generation markers around the answers:
+#   <|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>question<|im_end|>\n<|im_start|>assistant\n
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] + '<|im_end|>\n' }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{% generation %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    "{{ '<|im_end|>' }}"
+    "{% endgeneration %}"
+    "{{ '\n' }}"
+    "{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif content['type'] == 'video' %}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{% else %}{{ ' ' + content['text'] + ' ' }}{% endif %}"
+    "{% endfor %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_qwen_tokenizer(words: Iterable[str] = DEMO_WORDS) -> PreTrainedTokenizerFast:
+    """Word-level fast tokenizer shaped like Qwen's: its special tokens (ids 0..6 in `QWEN_SPECIAL_TOKENS` order),
+    `<unk>`, the chat roles and "\\n", then `words`. No BOS; `<|im_end|>` is EOS, `<|endoftext|>` pads."""
+    vocab: dict[str, int] = {}
+    for token in (*QWEN_SPECIAL_TOKENS, UNK_TOKEN, *QWEN_PROMPT_WORDS, *words):
+        vocab.setdefault(token, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"[^\S\n]+"), behavior="removed"),
+            pre_tokenizers.Split("\n", behavior="isolated"),
+        ]
+    )
+    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in QWEN_SPECIAL_TOKENS])
+    backend.add_tokens([AddedToken(token, special=False, normalized=False) for token in QWEN_PROMPT_WORDS])
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=UNK_TOKEN,
+        padding_side="right",
+    )
+
+
+def build_qwen_processor(
+    tokenizer: PreTrainedTokenizerFast, patch_size: int = 4, max_pixels: int = 64 * 64, min_pixels: int = 64
+):
+    """An offline Qwen-VL processor for images (`QwenVLImageProcessor`: torchvision-free, no video processor).
+
+    Images are resized to multiples of `2 * patch_size` within `[min_pixels, max_pixels]` pixels, as Qwen's
+    `smart_resize` does; each 2 x 2 block of patches is one `<|image_pad|>` token.
+    """
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from adsc_llava.processing_qwen_images import QwenVLImageProcessor
+
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=patch_size, merge_size=2, temporal_patch_size=2, min_pixels=min_pixels, max_pixels=max_pixels
+    )
+    return QwenVLImageProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_CHAT_TEMPLATE)
+
+
+def tiny_qwen_vl_config(family: str, tokenizer: PreTrainedTokenizerFast, *, patch_size: int = 4, text_layers: int = 4):
+    """A Qwen2.5-VL (`family="qwen2_5_vl"`) or Qwen3-VL (`"qwen3_vl"`) config small enough for CPU tests.
+
+    Text model: 4 layers x 64, 4 heads (GQA: 2 KV heads) of 16, M-RoPE sections over the 8 rotary frequencies as in
+    the real models (Qwen2.5-VL contiguous `[2, 3, 3]`, Qwen3-VL interleaved `[4, 2, 2]`). Vision tower: 2 (Qwen3-VL:
+    3, each feeding DeepStack) layers of 32 on `patch_size` px patches merged 2 x 2, Qwen2.5-VL attending in 16 px
+    windows except in its last layer.
+    """
+    from transformers import Qwen2_5_VLConfig, Qwen3VLConfig
+
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=text_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        pad_token_id=ids["<|endoftext|>"],
+        bos_token_id=None,
+        eos_token_id=ids["<|im_end|>"],
+    )
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=48,
+        num_heads=2,
+        patch_size=patch_size,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        out_hidden_size=64,
+    )
+    tokens = dict(
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    if family == "qwen2_5_vl":
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}
+        vision.update(depth=2, window_size=4 * patch_size, fullatt_block_indexes=[1], tokens_per_second=2)
+        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tokens)
+    if family == "qwen3_vl":
+        text.update(head_dim=16)
+        text["rope_parameters"] = {
+            "rope_type": "default",
+            "rope_theta": 5e6,
+            "mrope_section": [4, 2, 2],
+            "mrope_interleaved": True,
+        }
+        vision.update(depth=3, num_position_embeddings=16, deepstack_visual_indexes=[0, 1, 2])
+        return Qwen3VLConfig(text_config=text, vision_config=vision, **tokens)
+    raise ValueError(f"family must be 'qwen2_5_vl' or 'qwen3_vl', got {family!r}")

@@ -45,9 +45,19 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def reference_forward(
-    model, batch, alive: torch.Tensor, inputs_embeds: torch.Tensor | None = None, keep_policy: str | None = None
+    model,
+    batch,
+    alive: torch.Tensor,
+    inputs_embeds: torch.Tensor | None = None,
+    keep_policy: str | None = None,
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+    after_layer=None,
 ) -> dict:
     """Full-length forward with manual attention; tokens dropped at a layer are masked out as keys from there on.
+
+    `rotary`: `(cos, sin)` `(batch, seq, head_dim)` for other positions than `0 .. seq - 1` (Qwen-VL's M-RoPE, see
+    `reference_qwen`); `after_layer(layer_idx, hidden)` changes a layer's output (Qwen3-VL's DeepStack). Attention
+    with per-head q/k norms (Qwen3) applies them as the model does.
 
     With a score-based `keep_policy` ("fastv", "pyramiddrop"), `alive` starts all True and this forward decides,
     at each of the model's pruning layers, which tokens survive (`reference_top_scored`): by the attention weights
@@ -69,17 +79,23 @@ def reference_forward(
     batch_size, seq_len, _ = embeds.shape
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    positions = torch.arange(seq_len)
-    inv_freq = 1.0 / (config.rope_parameters["rope_theta"] ** (torch.arange(0, head_dim, 2).float() / head_dim))
-    angles = positions[:, None].float() * inv_freq[None]
-    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    if rotary is None:
+        positions = torch.arange(seq_len)
+        inv_freq = 1.0 / (config.rope_parameters["rope_theta"] ** (torch.arange(0, head_dim, 2).float() / head_dim))
+        angles = positions[:, None].float() * inv_freq[None]
+        cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    else:
+        cos, sin = (table[:, None] for table in rotary)  # (batch, 1, seq, head_dim): one table per row
     causal = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
 
     def attend(layer, hidden, alive_here):
         attn = layer.self_attn
         x = layer.input_layernorm(hidden)
-        q = attn.q_proj(x).view(batch_size, seq_len, heads, head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(batch_size, seq_len, kv_heads, head_dim).transpose(1, 2)
+        q = attn.q_proj(x).view(batch_size, seq_len, heads, head_dim)
+        k = attn.k_proj(x).view(batch_size, seq_len, kv_heads, head_dim)
+        if hasattr(attn, "q_norm"):  # Qwen3: RMS norms over each head's vector
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = attn.v_proj(x).view(batch_size, seq_len, kv_heads, head_dim).transpose(1, 2)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         k = k.repeat_interleave(heads // kv_heads, dim=1)
@@ -104,6 +120,8 @@ def reference_forward(
         weights, attention_output = attend(layer, hidden, alive[layer_idx])
         hidden = hidden + attention_output
         hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        if after_layer is not None:
+            hidden = after_layer(layer_idx, hidden)
         layer_outputs.append(hidden)
         layer_weights.append(weights)
     return {"normed": text.norm(hidden), "layer_outputs": layer_outputs, "attentions": layer_weights, "alive": alive}

@@ -299,3 +299,90 @@ def test_baseline_keep_policies_are_refused(family):
     model.config.adsc_keep_policy = "fastv"
     with pytest.raises(ValueError, match="supports ADSC's 'uniform' keep policy"):
         model(**build_batch(family, ROWS[:1])["inputs"])
+
+
+QWEN_QUESTION = "what is in the image ?"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_checkpoint_runs_as_remote_code_in_a_fresh_process(family, tmp_path):
+    """Saved with its processor, the checkpoint loads, predicts, answers through `pipeline` and pushes in a process
+    that cannot import the project (test_remote_code's child script)."""
+    from test_remote_code import CHILD_SCRIPT, PROJECT_MODULES, project_source_paths
+
+    from conftest import run_fresh_process
+
+    model, _ = models(family, attn="sdpa", pruning_layers=[1, 2], drop_ratio=0.5)
+    processor = build_qwen_processor(TOKENIZER, patch_size=PATCH)
+    checkpoint = tmp_path / "checkpoint"
+    model.save_pretrained(checkpoint)
+    processor.save_pretrained(checkpoint)
+    shipped = {path.name for path in checkpoint.glob("*.py")}
+    core = {"configuration_adsc_llava.py", "modeling_adsc_llava.py", "processing_qwen_images.py"}
+    qwen2_5 = {"configuration_adsc_qwen2_5_vl.py", "modeling_adsc_qwen2_5_vl.py"}
+    qwen3 = {"configuration_adsc_qwen3_vl.py", "modeling_adsc_qwen3_vl.py"} if family == "qwen3_vl" else set()
+    assert shipped == core | qwen2_5 | qwen3
+
+    image = Image.new("RGB", (40, 24), "red")
+    image.save(tmp_path / "image.png")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QWEN_QUESTION}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = dict(processor(images=[image], text=[prompt], return_tensors="pt"))
+    torch.save(inputs, tmp_path / "inputs.pt")
+    special = TOKENIZER.convert_tokens_to_ids([*TOKENIZER.all_special_tokens, "user", "assistant", "system", "\n"])
+    generate_kwargs = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, suppress_tokens=special)
+    with torch.no_grad():
+        expected_logits = model(**inputs).logits
+        generated = model.generate(**inputs, **generate_kwargs)
+    expected_answer = processor.decode(generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    request = {
+        "checkpoint": str(checkpoint),
+        "project_modules": PROJECT_MODULES,
+        "project_source_paths": project_source_paths(),
+        "num_threads": 1,
+        "question": QWEN_QUESTION,
+        "generate_kwargs": generate_kwargs,
+        "repo_id": "someone/tiny-adsc-qwen",
+    }
+    report = run_fresh_process(CHILD_SCRIPT, tmp_path, request)
+    assert report["importable"] == dict.fromkeys(PROJECT_MODULES, False) and report["project_modules_loaded"] == []
+    assert report["config"]["class"] == type(model.config).__name__
+    assert report["config"]["vision_tokens_per_layer"] == model.config.vision_tokens_per_layer()
+    for auto_class in ("AutoModelForImageTextToText", "AutoModel"):
+        loaded = report["models"][auto_class]
+        assert loaded["class"] == type(model).__name__ and loaded["module"].startswith("transformers_modules.")
+        assert torch.equal(torch.load(tmp_path / f"logits_{auto_class}.pt"), expected_logits)
+    assert report["pipeline"]["model_module"].startswith("transformers_modules.")
+    assert report["pipeline"]["generated_text"].split() == expected_answer.split()  # spacing: the decoders differ
+    model_code = shipped - {"processing_qwen_images.py"}  # the model pushes its own code; the processor, its own
+    assert {"config.json", "model.safetensors", *model_code} <= set(report["pushed"]["files"])
+
+
+@pytest.mark.parametrize("family, layout", [("qwen2_5_vl", "current"), ("qwen2_5_vl", "hub"), ("qwen3_vl", "current")])
+def test_convert_takes_stock_checkpoints(family, layout, tmp_path):
+    """`adsc-llava convert` on a stock folder: every weight in place, the budget solved for the reference image.
+    "hub": Qwen2.5-VL's released key layout (`model.layers.*`, `visual.*`), which transformers renames on load."""
+    from safetensors.torch import load_file, save_file
+
+    from adsc_llava.convert import main as convert_main
+
+    model, stock = models(family, attn="sdpa")
+    source = tmp_path / "stock"
+    stock.save_pretrained(source)
+    if layout == "hub":
+        weights = load_file(source / "model.safetensors")
+        renamed = {
+            key.replace("model.language_model.", "model.", 1).replace("model.visual.", "visual.", 1): tensor
+            for key, tensor in weights.items()
+        }
+        assert any(key.startswith("visual.") for key in renamed) and any(
+            key.startswith("model.layers.") for key in renamed
+        )
+        save_file(renamed, source / "model.safetensors", metadata={"format": "pt"})
+    reference = model.config.reference_vision_tokens
+    assert convert_main([str(source), str(tmp_path / "adsc"), "--budget", str(reference / 3)]) == 0
+    config_class, adsc_class, _ = FAMILIES[family]
+    converted = adsc_class.from_pretrained(tmp_path / "adsc").eval()
+    assert isinstance(converted.config, config_class) and converted.config.average_vision_tokens() <= reference / 3
+    for name, tensor in stock.state_dict().items():
+        assert torch.equal(converted.state_dict()[name], tensor), name

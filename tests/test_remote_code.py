@@ -31,6 +31,11 @@ PROJECT_MODULES = (
     "modeling_adsc_llava_next",
     "configuration_adsc_llava_onevision",
     "modeling_adsc_llava_onevision",
+    "configuration_adsc_qwen2_5_vl",
+    "modeling_adsc_qwen2_5_vl",
+    "configuration_adsc_qwen3_vl",
+    "modeling_adsc_qwen3_vl",
+    "processing_qwen_images",
 )
 AUTO_CLASSES = ("AutoConfig", "AutoModel", "AutoModelForImageTextToText")
 NEW_TOKENS = 4

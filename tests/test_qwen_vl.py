@@ -386,3 +386,68 @@ def test_convert_takes_stock_checkpoints(family, layout, tmp_path):
     assert isinstance(converted.config, config_class) and converted.config.average_vision_tokens() <= reference / 3
     for name, tensor in stock.state_dict().items():
         assert torch.equal(converted.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fine_tunes_with_lora_and_the_curriculum(family, tmp_path):
+    """`adsc-llava train`'s run on a stock Qwen-VL folder: images of different sizes in one batch (different patch
+    counts), LoRA merged into the LLM, the patch merger(s) trained, the vision tower frozen, the target schedule."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from adsc_llava.train.args import AdscTrainConfig
+    from adsc_llava.train.trainer import run_training
+
+    _, _, stock_class = FAMILIES[family]
+    processor = build_qwen_processor(TOKENIZER, patch_size=PATCH)
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    stock_class(tiny_qwen_vl_config(family, TOKENIZER)).save_pretrained(base)
+    processor.save_pretrained(base)
+    (tmp_path / "images").mkdir()
+    records = []
+    for index, ((width, height), color) in enumerate(
+        zip([(16, 16), (40, 24), (24, 40), (32, 32)], ("red", "blue", "green", "red"), strict=True)
+    ):
+        Image.new("RGB", (width, height), color).save(tmp_path / "images" / f"{index}.png")
+        conversation = [
+            {"from": "human", "value": "<image>\nwhat color is the shape ?"},
+            {"from": "gpt", "value": color},
+        ]
+        records.append({"id": str(index), "image": f"images/{index}.png", "conversations": conversation})
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    config_class, adsc_class, _ = FAMILIES[family]
+    # 70% of the reference photo (1196 or 880 tokens; layer 2 first prunes, so 0.8 x the budget is at least half):
+    # the tiny images have fewer tokens, the same r applies.
+    budget = 0.7 * config_class.from_stock_config(tiny_qwen_vl_config(family, TOKENIZER)).reference_vision_tokens
+    final = run_training(
+        AdscTrainConfig(
+            model=str(base),
+            data=str(tmp_path / "data.json"),
+            output_dir=str(tmp_path / "out"),
+            budget=budget,
+            # Layer 2 prunes between DeepStack's injections (after layers 0, 1, 2); pruning at layer 1, these tiny
+            # images would keep no token there, so the later injections would train nothing.
+            pruning_layers=[2, 3],
+            max_steps=3,
+            per_device_train_batch_size=4,
+            lora_r=4,
+            lora_alpha=8,
+            learning_rate=1e-2,
+            projector_learning_rate=1e-2,
+            gradient_checkpointing=False,
+            save_steps=1000,
+            disable_tqdm=True,
+        )
+    )
+    trained = adsc_class.from_pretrained(final)
+    assert isinstance(trained.config, config_class) and trained.config.average_vision_tokens() <= budget
+    weights, before = load_file(final / "model.safetensors"), load_file(base / "model.safetensors")
+    changed = {name for name in weights if not torch.equal(weights[name], before[name])}
+    # Saved as the stock classes save (Qwen2.5-VL: the released `model.layers.*` / `visual.*` key layout).
+    assert any("visual.merger." in name for name in changed)  # trained
+    if family == "qwen3_vl":
+        assert {f"model.visual.deepstack_merger_list.{i}.linear_fc1.weight" for i in range(3)} <= changed
+    assert any("layers.0.self_attn.q_proj" in name for name in changed)  # LoRA merged
+    assert not any("visual.blocks." in name or "patch_embed" in name for name in changed)  # frozen

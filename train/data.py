@@ -392,8 +392,11 @@ def truncation_point(
     return max_length
 
 
-# What a LLaVA-family processor returns for images: LLaVA-1.5 pixels, and NeXT / OneVision crops with image sizes.
-IMAGE_TENSOR_KEYS = ("pixel_values", "image_sizes")
+# What a processor returns for images: LLaVA-1.5 pixels, NeXT / OneVision crops with image sizes, Qwen-VL patches
+# with their grid.
+IMAGE_TENSOR_KEYS = ("pixel_values", "image_sizes", "image_grid_thw")
+# Per-image tensors a batch concatenates, image after image.
+PER_IMAGE_KEYS = ("image_sizes", "image_grid_thw")
 
 
 def image_tensors(encoding: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -671,7 +674,8 @@ class LlavaInstructDataset(Dataset):
 
     def conversation(self, record_index: int) -> Conversation:
         """Validated chat-template messages of `records[record_index]` (raises `BadRecordError`)."""
-        return record_to_conversation(self.records[record_index], record_index, self.encoder.image_token)
+        # The records mark images with LLaVA's `<image>` whatever the processor's own placeholder (Qwen's differs).
+        return record_to_conversation(self.records[record_index], record_index)
 
     def encode(self, record_index: int) -> dict[str, Any]:
         """Full encoding of `records[record_index]` (image decoded and processed); raises `BadRecordError`."""
@@ -860,9 +864,10 @@ class LlavaDataCollator:
             pixel_values = [
                 nn.functional.pad(pixels, (0, 0, 0, 0, 0, 0, 0, most - pixels.shape[1])) for pixels in pixel_values
             ]
-            batch["image_sizes"] = torch.cat(
-                [torch.as_tensor(f["image_sizes"]) for f in features if "image_sizes" in f]
-            )
+        # Qwen-VL: `pixel_values` are `[patches, patch_dim]` per image, concatenated; each image's grid says how many.
+        for key in PER_IMAGE_KEYS:
+            if any(feature.get(key) is not None for feature in features):
+                batch[key] = torch.cat([torch.as_tensor(f[key]) for f in features if f.get(key) is not None])
         shapes = {tuple(pixels.shape[1:]) for pixels in pixel_values}
         if len(shapes) != 1:
             raise ValueError(f"All images of a batch must have the same processed shape, got {sorted(shapes)}")

@@ -23,7 +23,7 @@ from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 from adsc_llava import AdscLlavaConfig, AdscLlavaForConditionalGeneration
 from adsc_llava.convert import load_source_weights
 from adsc_llava.cost import format_schedule
-from adsc_llava.families import adsc_config_for
+from adsc_llava.families import adsc_config_for, family_of
 from adsc_llava.model_card import write_model_card
 from adsc_llava.train.args import AdscTrainConfig
 from adsc_llava.train.curriculum import CurriculumCallback, build_curriculum, describe_curriculum
@@ -31,7 +31,6 @@ from adsc_llava.train.data import IGNORE_INDEX, LlavaDataCollator, LlavaInstruct
 
 logger = logging.getLogger(__name__)
 
-PROJECTOR_MODULE = "multi_modal_projector"
 # LoRA goes on the language model only: the same module names also exist in the CLIP tower.
 LANGUAGE_MODEL_LAYERS = r"model\.language_model\.layers\.\d+\."
 
@@ -54,6 +53,17 @@ def load_adsc_model(
     return load_source_weights(path, config, dtype)
 
 
+def projector_module_names(model: torch.nn.Module) -> list[str]:
+    """Full names of the model family's projector modules (`Family.projector_modules`; a module list: its members)."""
+    wanted = family_of(model.config.model_type).projector_modules
+    names = []
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in wanted:
+            children = [f"{name}.{child}" for child, _ in module.named_children()]
+            names += children if isinstance(module, torch.nn.ModuleList) else [name]
+    return names
+
+
 def add_lora(model: AdscLlavaForConditionalGeneration, config: AdscTrainConfig) -> PeftModel:
     """Freeze everything, add LoRA to the language model's linear layers, and make the projector trainable."""
     modules = "|".join(config.lora_target_modules)
@@ -62,7 +72,7 @@ def add_lora(model: AdscLlavaForConditionalGeneration, config: AdscTrainConfig) 
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules=rf"{LANGUAGE_MODEL_LAYERS}.*\.({modules})",
-        modules_to_save=[PROJECTOR_MODULE],
+        modules_to_save=projector_module_names(model),
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora_config)
@@ -83,9 +93,17 @@ def upcast_trainable_parameters(model: torch.nn.Module) -> None:
 class AdscTrainer(Trainer):
     """`Trainer` with a separate projector learning rate, LLaVA's modality sampler, and atomic checkpoints."""
 
-    def __init__(self, *args, projector_learning_rate: float, group_by_modality_length: bool = False, **kwargs):
+    def __init__(
+        self,
+        *args,
+        projector_learning_rate: float,
+        projector_modules: tuple[str, ...] = ("multi_modal_projector",),
+        group_by_modality_length: bool = False,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.projector_learning_rate = projector_learning_rate
+        self.projector_modules = projector_modules
         self.group_by_modality_length = group_by_modality_length
 
     def create_optimizer(self, model=None):
@@ -97,7 +115,8 @@ class AdscTrainer(Trainer):
         groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
         for name, parameter in opt_model.named_parameters():
             if parameter.requires_grad:
-                groups.setdefault((PROJECTOR_MODULE in name, name in decay_names), []).append(parameter)
+                is_projector = any(module in name for module in self.projector_modules)
+                groups.setdefault((is_projector, name in decay_names), []).append(parameter)
         param_groups = [
             {
                 "params": params,
@@ -261,6 +280,7 @@ def build_trainer(
         processing_class=processor,
         callbacks=callbacks,
         projector_learning_rate=config.projector_learning_rate if config.tune == "lora" else config.learning_rate,
+        projector_modules=family_of(adsc_model.config.model_type).projector_modules,
         group_by_modality_length=config.group_by_modality_length,
     )
     return trainer, adsc_model, phases

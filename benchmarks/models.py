@@ -12,25 +12,37 @@ from transformers import (
     LlavaNextForConditionalGeneration,
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen3VLForConditionalGeneration,
     SiglipVisionConfig,
 )
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from adsc_llava import AdscLlavaConfig
 from adsc_llava.cost import LlavaDims, load_config
+from adsc_llava.cost_qwen import is_qwen
 from adsc_llava.families import family_of
 
 STOCK_MODEL_CLASSES = {
     "llava": LlavaForConditionalGeneration,
     "llava_next": LlavaNextForConditionalGeneration,
     "llava_onevision": LlavaOnevisionForConditionalGeneration,
+    "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+    "qwen3_vl": Qwen3VLForConditionalGeneration,
 }
 # Vision tokens per image of the presets: CLIP ViT-L/14 at 336 px, the CLS token dropped.
 PRESET_IMAGE_SIZE, PRESET_PATCH_SIZE = 336, 14
-PRESETS = ("cpu", "tiny", "cpu-next", "cpu-onevision-video")
+PRESETS = ("cpu", "tiny", "cpu-next", "cpu-onevision-video", "cpu-qwen2.5-vl", "cpu-qwen2.5-vl-video")
 # The visual input of the anyres presets: a 640 x 480 photo for LLaVA-NeXT (2,340 tokens), a 32-frame video for
-# OneVision (6,273 tokens). LLaVA-1.5 presets feed 576-token images.
-PRESET_INPUTS = {"cpu-next": {"image_size": (480, 640)}, "cpu-onevision-video": {"video_frames": 32}}
+# OneVision (6,273 tokens); Qwen2.5-VL: a 1280 x 720 photo (1,196 tokens) and a 32-frame 640 x 360 video (16 temporal
+# patches of 13 x 23: 4,784 tokens in one unit). LLaVA-1.5 presets feed 576-token images.
+PRESET_INPUTS = {
+    "cpu-next": {"image_size": (480, 640)},
+    "cpu-onevision-video": {"video_frames": 32},
+    "cpu-qwen2.5-vl": {"image_size": (720, 1280)},
+    "cpu-qwen2.5-vl-video": {"video_frames": 32, "image_size": (360, 640)},
+}
 # llava-v1.6's grid pinpoints (H, W) at 336 px crops; OneVision's at 384 px.
 NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 ONEVISION_PINPOINTS = [[384 * rows, 384 * columns] for rows in range(1, 7) for columns in range(1, 7)]
@@ -71,6 +83,21 @@ def preset_config(name: str) -> LlavaConfig:
             text_config=text_config.to_dict(),
             image_token_index=vocab_size - 64,
             image_grid_pinpoints=NEXT_PINPOINTS,
+            tie_word_embeddings=False,
+        )
+    if name.startswith("cpu-qwen2.5-vl"):
+        # The CPU LLM with M-RoPE over its 32 rotary frequencies in Qwen2.5-VL's 1 : 1.5 : 1.5 split.
+        rope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]}
+        qwen_text = dict(text, max_position_embeddings=32768, rope_parameters=rope, pad_token_id=vocab_size - 1)
+        qwen_vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=1, out_hidden_size=1024)
+        qwen_vision.update(patch_size=14, window_size=112, fullatt_block_indexes=[0])
+        return Qwen2_5_VLConfig(
+            text_config=qwen_text,
+            vision_config=qwen_vision,
+            image_token_id=vocab_size - 64,
+            video_token_id=vocab_size - 63,
+            vision_start_token_id=vocab_size - 62,
+            vision_end_token_id=vocab_size - 61,
             tie_word_embeddings=False,
         )
     if name == "cpu-onevision-video":
@@ -181,8 +208,9 @@ def make_inputs(
         features = torch.randn(num_images, dims.vision_tokens_per_image, dims.hidden_size, generator=generator)
         features = (features * config.text_config.initializer_range).to(device, dtype)
         pooled = [features[image] for _ in range(batch_size) for image in range(num_images)]
-        if video:  # the video tower's output is one `(videos, tokens, hidden)` tensor
+        if video and not is_qwen(config):  # OneVision's video tower returns one `(videos, tokens, hidden)` tensor
             inputs["mm_encoder_outputs"] = {"video": BaseModelOutputWithPooling(pooler_output=torch.stack(pooled))}
         else:
-            inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=pooled)}
+            kind = "video" if video else "image"
+            inputs["mm_encoder_outputs"] = {kind: BaseModelOutputWithPooling(pooler_output=pooled)}
     return inputs

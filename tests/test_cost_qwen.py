@@ -154,3 +154,31 @@ def test_cost_command_prints_the_qwen_tables(capsys):
     assert main(["--config", "qwen3-vl-8b", "--video-frames", "32"]) == 0
     printed = capsys.readouterr().out
     assert "| 720 (stock) |" in printed and "11520 tokens per input in 16 units" in printed
+
+
+def test_keep_pattern_proxy_compares_positions_at_equal_counts():
+    """benchmarks/keep_pattern.py: the 2-D and per-frame rules keep exactly 1-D's counts, nested stage by stage."""
+    from adsc_llava.benchmarks import keep_pattern
+
+    for drop_ratio in (0.3, 0.6, 0.9):
+        one_d = keep_pattern.one_d(12 * 18, drop_ratio, 4)
+        for other in (keep_pattern.two_d(12, 18, drop_ratio, 4), keep_pattern.per_frame(4, 54, drop_ratio, 4)):
+            assert [len(kept) for kept in other] == [len(kept) for kept in one_d]
+            assert all(set(later) <= set(earlier) for earlier, later in zip(other, other[1:], strict=False))
+    generator = torch.Generator().manual_seed(0)
+    field = keep_pattern.natural_field((12, 18), generator)
+    assert abs(float(field.std()) - 1) < 1e-5
+    assert keep_pattern.reconstruction_error((12, 18), list(range(12 * 18)), [field]) == 0.0
+
+
+def test_qwen_benchmark_presets_feed_the_reference_photo_and_a_video():
+    from adsc_llava.benchmarks.models import PRESET_INPUTS, benchmark_config, make_inputs
+
+    for preset, tokens in (("cpu-qwen2.5-vl", 1196), ("cpu-qwen2.5-vl-video", 4784)):
+        config = benchmark_config(preset)
+        options = dict(batch_size=1, device=torch.device("cpu"), dtype=torch.float32, vision_tower=False, seed=0)
+        inputs = make_inputs(config, prompt_tokens=8, num_images=1, visual_input=PRESET_INPUTS[preset], **options)
+        placeholder = config.video_token_id if "video" in preset else config.image_token_id
+        assert int((inputs["input_ids"] == placeholder).sum()) == tokens
+        (kind,) = inputs["mm_encoder_outputs"]
+        assert [len(unit) for unit in inputs["mm_encoder_outputs"][kind].pooler_output] == [tokens]

@@ -318,3 +318,63 @@ def test_adsc_llava_eval_sweeps_methods_and_budgets_into_a_table_and_a_plot(eval
     # Budget 2 is below what pruning first at layer 1 of 4 reaches (16 tokens / 4 layers): listed, not run.
     assert "left out: FastV 2: its layers [1] reach [4, 16)" in result.stdout
     assert (tmp_path / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def save_qwen_word_answering_checkpoint(folder: Path, family: str) -> Path:
+    """A tiny pruned ADSC Qwen-VL checkpoint (with its torchvision-free processor) answering plain words."""
+    import torch
+
+    from adsc_llava.families import family_of
+    from adsc_llava.testing import (
+        QWEN_PROMPT_WORDS,
+        QWEN_SPECIAL_TOKENS,
+        build_qwen_processor,
+        build_qwen_tokenizer,
+        tiny_qwen_vl_config,
+    )
+
+    tokenizer = build_qwen_tokenizer()
+    adsc_family = family_of(family)
+    config = adsc_family.config_class.from_stock_config(
+        tiny_qwen_vl_config(family, tokenizer), pruning_layers=[1, 2], drop_ratio=0.5
+    )
+    torch.manual_seed(0)
+    model = adsc_family.model_class(config).eval()
+    generation = model.generation_config
+    generation.do_sample, generation.max_new_tokens, generation.min_new_tokens = False, NEW_TOKENS, NEW_TOKENS
+    generation.suppress_tokens = tokenizer.convert_tokens_to_ids([*QWEN_SPECIAL_TOKENS, *QWEN_PROMPT_WORDS])
+    model.save_pretrained(folder)
+    build_qwen_processor(tokenizer).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_lmms_eval_runs_qwen_checkpoints_at_a_budget(eval_python, tmp_path, family):
+    """The plugin loads an ADSC Qwen-VL checkpoint, re-solves its schedule for a budget of its 1280 x 720 reference
+    photo, pads on the left, and lmms-eval's answers are a direct batched `generate()`'s."""
+    from adsc_llava.families import family_of
+
+    checkpoint = save_qwen_word_answering_checkpoint(tmp_path / "tiny-adsc-qwen", family)
+    config = family_of(family).config_class.from_pretrained(checkpoint)
+    budget = round(config.reference_vision_tokens / 3, 1)
+    loaded = run_in(eval_python, PLUGIN_SCRIPT, str(checkpoint), json.dumps({"budget": budget}))
+    assert loaded["schedule"] == config.with_budget(budget).schedule and loaded["padding_side"] == "left"
+
+    env = offline_env(tmp_path / "hf")
+    data_file = write_task(tmp_path / "probe", ["?"] * len(DOCS))
+    reference = run_in(eval_python, REFERENCE_SCRIPT, str(checkpoint), str(data_file), json.dumps(loaded["schedule"]),
+                       str(BATCH_SIZE), str(NEW_TOKENS), env=env)  # fmt: skip
+    task_root = tmp_path / "task"
+    write_task(task_root, reference["answers"])
+    output_path = tmp_path / "results"
+    command = [
+        str(eval_python.parent / "lmms-eval"), "--model", "adsc_llava", "--model_args",
+        f"pretrained={checkpoint},budget={budget}", "--tasks", "tiny_vqa", "--include_path", str(task_root / "tasks"),
+        "--output_path", str(output_path), "--batch_size", str(BATCH_SIZE), "--device", "cpu", "--log_samples",
+        "--verbosity", "DEBUG",
+    ]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, env=env)
+    assert run.returncode == 0, run.stderr[-4000:]
+    (samples_file,) = output_path.glob("**/*_samples_tiny_vqa.jsonl")
+    samples = sorted((json.loads(line) for line in samples_file.read_text().splitlines()), key=lambda s: s["doc_id"])
+    assert [sample["filtered_resps"] for sample in samples] == reference["answers"]

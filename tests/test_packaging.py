@@ -44,7 +44,9 @@ def test_readme_main_job_command_shares_the_set_up():
     assert f"```bash\n{set_up} && .venv/bin/adsc-llava demo\n```" in readme
 
 
-FAMILIES = ("", "_next", "_onevision")
+MODELING_MODULES = tuple(
+    f"modeling_adsc_{family}" for family in ("llava", "llava_next", "llava_onevision", "qwen2_5_vl", "qwen3_vl")
+)
 
 
 def test_remote_code_refuses_an_older_transformers_by_name(tmp_path):
@@ -56,9 +58,9 @@ def test_remote_code_refuses_an_older_transformers_by_name(tmp_path):
     package = tmp_path / "checkpoint_code"
     package.mkdir()
     (package / "__init__.py").write_text("")
-    for path in ROOT.glob("*_adsc_llava*.py"):
+    for path in [*ROOT.glob("configuration_adsc_*.py"), *ROOT.glob("modeling_adsc_*.py")]:
         shutil.copy(path, package)
-    for module, loads in (("configuration_adsc_llava", True), *((f"modeling_adsc_llava{s}", False) for s in FAMILIES)):
+    for module, loads in (("configuration_adsc_llava", True), *((module, False) for module in MODELING_MODULES)):
         script = (
             "import importlib, transformers\n"
             "transformers.__version__ = '5.20.1'\n"

@@ -62,7 +62,7 @@ logger = logging.get_logger(__name__)
 
 # Text models whose decoder layers take `(hidden_states, attention_mask, position_embeddings, cache)` and whose model
 # forward does nothing else than embed -> layers -> norm: the layer loop below is exactly their forward.
-SUPPORTED_TEXT_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_TEXT_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen2_5_vl_text", "qwen3_vl_text")
 
 # `torch.profiler` ranges around ADSC's own work, so any profiler trace shows what pruning costs. Stock LLaVA builds
 # one causal mask per forward too; every further "stage_mask" range is ADSC's.

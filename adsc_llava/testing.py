@@ -72,6 +72,31 @@ DEMO_WORDS = (
 )  # fmt: skip
 
 
+def word_level_backend(
+    special_tokens: Iterable[str], prompt_words: Iterable[str], words: Iterable[str]
+) -> tuple[Tokenizer, dict[str, int]]:
+    """A word-level `tokenizers` backend over the special tokens, the prompt words and `words` (ids in that order,
+    duplicates dropped), splitting on spaces and tabs and keeping "\\n" as its own token; and its vocabulary."""
+    special_tokens, prompt_words = tuple(special_tokens), tuple(prompt_words)
+    vocab: dict[str, int] = {}
+    for token in (*special_tokens, *prompt_words, *words):
+        if not isinstance(token, str) or not token:
+            raise ValueError(f"Vocabulary entries must be non-empty strings, got {token!r}")
+        vocab.setdefault(token, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
+    # Split on horizontal whitespace (dropped) and isolate "\n" so the prompt's "<image>\n" stays two tokens.
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"[^\S\n]+"), behavior="removed"),
+            pre_tokenizers.Split("\n", behavior="isolated"),
+        ]
+    )
+    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in special_tokens])
+    # Added (non-special) tokens are matched before pre-tokenization, so these are single tokens in any context.
+    backend.add_tokens([AddedToken(token, special=False, normalized=False) for token in prompt_words])
+    return backend, vocab
+
+
 def build_word_tokenizer(words: Iterable[str]) -> PreTrainedTokenizerFast:
     """Word-level fast tokenizer over `words` plus the special tokens and LLaVA's prompt words.
 
@@ -81,23 +106,7 @@ def build_word_tokenizer(words: Iterable[str]) -> PreTrainedTokenizerFast:
     in order (duplicates dropped). Text splits on spaces and tabs; "\\n" is kept as its own token. Encoding
     prepends `<s>` (like Llama's `add_bos_token`); decoding joins tokens with single spaces.
     """
-    vocab: dict[str, int] = {}
-    for token in (*SPECIAL_TOKENS, *PROMPT_WORDS, *words):
-        if not isinstance(token, str) or not token:
-            raise ValueError(f"Vocabulary entries must be non-empty strings, got {token!r}")
-        vocab.setdefault(token, len(vocab))
-
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
-    # Split on horizontal whitespace (dropped) and isolate "\n" so the prompt's "<image>\n" stays two tokens.
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(r"[^\S\n]+"), behavior="removed"),
-            pre_tokenizers.Split("\n", behavior="isolated"),
-        ]
-    )
-    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in SPECIAL_TOKENS])
-    # Added (non-special) tokens are matched before pre-tokenization, so these are single tokens in any context.
-    backend.add_tokens([AddedToken(token, special=False, normalized=False) for token in PROMPT_WORDS])
+    backend, vocab = word_level_backend(SPECIAL_TOKENS, PROMPT_WORDS, words)
     backend.post_processor = processors.TemplateProcessing(
         single=f"{BOS_TOKEN} $A",
         pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B",
@@ -342,18 +351,7 @@ QWEN_CHAT_TEMPLATE = (
 def build_qwen_tokenizer(words: Iterable[str] = DEMO_WORDS) -> PreTrainedTokenizerFast:
     """Word-level fast tokenizer shaped like Qwen's: its special tokens (ids 0..6 in `QWEN_SPECIAL_TOKENS` order),
     `<unk>`, the chat roles and "\\n", then `words`. No BOS; `<|im_end|>` is EOS, `<|endoftext|>` pads."""
-    vocab: dict[str, int] = {}
-    for token in (*QWEN_SPECIAL_TOKENS, UNK_TOKEN, *QWEN_PROMPT_WORDS, *words):
-        vocab.setdefault(token, len(vocab))
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(r"[^\S\n]+"), behavior="removed"),
-            pre_tokenizers.Split("\n", behavior="isolated"),
-        ]
-    )
-    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in QWEN_SPECIAL_TOKENS])
-    backend.add_tokens([AddedToken(token, special=False, normalized=False) for token in QWEN_PROMPT_WORDS])
+    backend, _ = word_level_backend((*QWEN_SPECIAL_TOKENS, UNK_TOKEN), QWEN_PROMPT_WORDS, words)
     backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,

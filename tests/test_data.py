@@ -14,17 +14,10 @@ from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast,
 
 from adsc_llava.testing import LLAVA_HF_CHAT_TEMPLATE, build_processor, build_word_tokenizer, tiny_llava_config_for
 from adsc_llava.train import data
-from adsc_llava.train.data import (
-    IGNORE_INDEX,
-    BadRecordError,
-    ChatTemplateError,
-    DataValidationError,
-    LlavaDataCollator,
-    LlavaInstructDataset,
-    ModalityLengthGroupedSampler,
-    get_modality_length_grouped_indices,
-    load_records,
-)
+from adsc_llava.train.collator import LlavaDataCollator
+from adsc_llava.train.data import IGNORE_INDEX, BadRecordError, ChatTemplateError, DataValidationError, load_records
+from adsc_llava.train.dataset import LlavaInstructDataset
+from adsc_llava.train.sampler import ModalityLengthGroupedSampler, get_modality_length_grouped_indices
 
 WORDS = ("what", "color", "is", "it", "?", "red", ".", "and", "the", "shape", "square", "hello", "hi", "there")
 # Ids by construction of the word tokenizer: specials, prompt words, then WORDS in order.
@@ -360,7 +353,7 @@ def test_scan_in_worker_processes_matches_in_process(processor, image_folder):
 def test_lazy_skip_uses_next_record_and_counts(processor, image_folder, caplog):
     records = [BAD_RECORDS["missing_image"], BAD_RECORDS["unknown_role"], TEXT]
     dataset = _dataset(records, processor, image_folder, on_bad_record="skip")
-    with caplog.at_level(logging.WARNING, logger="adsc_llava.train.data"):
+    with caplog.at_level(logging.WARNING, logger="adsc_llava.train.dataset"):
         sample = dataset[0]
     assert sample["id"] == "text"
     assert dict(dataset.stats.skipped) == {"missing_image": 1, "malformed_roles": 1}

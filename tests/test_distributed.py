@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from adsc_llava.train import data as data_module
+from adsc_llava.train import dataset as dataset_module
 from adsc_llava.train.args import AdscTrainConfig
 from adsc_llava.train.trainer import run_training
 
@@ -53,7 +53,7 @@ torch.set_num_threads(1)
 rank = int(os.environ["RANK"])
 record = {"world_size": int(os.environ["WORLD_SIZE"]), "ids": [], "drop_ratios": []}
 
-original_getitem = data_module.LlavaInstructDataset.__getitem__
+original_getitem = dataset_module.LlavaInstructDataset.__getitem__
 
 
 def recording_getitem(self, index):
@@ -62,7 +62,7 @@ def recording_getitem(self, index):
     return item
 
 
-data_module.LlavaInstructDataset.__getitem__ = recording_getitem
+dataset_module.LlavaInstructDataset.__getitem__ = recording_getitem
 
 
 class Record(TrainerCallback):

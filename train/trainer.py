@@ -26,8 +26,11 @@ from adsc_llava.cost import format_schedule
 from adsc_llava.families import adsc_config_for
 from adsc_llava.model_card import write_model_card
 from adsc_llava.train.args import AdscTrainConfig
+from adsc_llava.train.collator import LlavaDataCollator
 from adsc_llava.train.curriculum import CurriculumCallback, build_curriculum, describe_curriculum
-from adsc_llava.train.data import IGNORE_INDEX, LlavaDataCollator, LlavaInstructDataset, ModalityLengthGroupedSampler
+from adsc_llava.train.data import IGNORE_INDEX
+from adsc_llava.train.dataset import LlavaInstructDataset
+from adsc_llava.train.sampler import ModalityLengthGroupedSampler
 
 logger = logging.getLogger(__name__)
 

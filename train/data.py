@@ -178,6 +178,10 @@ def _check_turns(record_id: str, turns: Any) -> list[tuple[str, str]]:
     """(role, text) pairs of a record's `conversations`, alternating user/assistant and ending with an answer."""
     if not isinstance(turns, list) or not turns:
         raise BadRecordError(record_id, NO_CONVERSATIONS, "`conversations` is missing or empty")
+    if isinstance(turns[0], Mapping) and ROLE_NAMES.get(turns[0].get("from")) == "assistant":
+        turns = turns[1:]  # LLaVA's `preprocess` drops a leading answer (some ShareGPT records open with one)
+        if not turns:
+            raise BadRecordError(record_id, NO_CONVERSATIONS, "`conversations` holds only an answer")
     checked: list[tuple[str, str]] = []
     for position, turn in enumerate(turns):
         if not isinstance(turn, Mapping) or not isinstance(turn.get("value"), str):
@@ -468,14 +472,21 @@ class ConversationEncoder:
         return length
 
     def image_tokens_for_size(self, width: int, height: int) -> int:
-        """Placeholder tokens an image of this size expands to (measured once per size on a blank image)."""
+        """Placeholder tokens an image of this size expands to, by the processor's own count (the one vLLM uses)
+        where it has one, else measured on a blank image; once per size either way."""
         size = (width, height)
         if size not in self._image_tokens_by_size:
-            encoding = self.processor(
-                images=[Image.new("RGB", size)], text=[self.image_token], add_special_tokens=False
-            )
-            self._image_tokens_by_size[size] = sum(token == self.image_token_id for token in encoding["input_ids"][0])
+            if hasattr(self.processor, "_get_num_multimodal_tokens"):
+                counts = self.processor._get_num_multimodal_tokens(image_sizes=[(height, width)])
+                self._image_tokens_by_size[size] = counts.num_image_tokens[0]
+            else:
+                self._image_tokens_by_size[size] = self.measured_image_tokens(width, height)
         return self._image_tokens_by_size[size]
+
+    def measured_image_tokens(self, width: int, height: int) -> int:
+        """Placeholder tokens the processor writes for a blank image of this size (runs the image processor)."""
+        encoding = self.processor(images=[Image.new("RGB", (width, height))], text=[self.image_token])
+        return sum(token == self.image_token_id for token in encoding["input_ids"][0])
 
     def encode(self, conversation: Conversation, image: Image.Image | None) -> dict[str, torch.Tensor]:
         """`input_ids` and `labels` `[seq_len]`, plus the processor's image tensors when `image` is given.

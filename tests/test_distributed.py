@@ -298,6 +298,16 @@ def test_trainable_weights_are_fp32_over_bf16_frozen_ones_and_the_projector_lear
     assert (after != before).float().mean() > 0.99  # in bf16 most of them would not move at this learning rate
 
 
+def assert_the_blank_row_changes_no_loss_and_trains_the_projector(trainer, text_only: dict) -> None:
+    model = trainer.model
+    loss = trainer.compute_loss(model, text_only)
+    with torch.no_grad():
+        assert torch.allclose(loss, model(**text_only).loss, atol=1e-5)  # the blank row changes nothing
+    loss.backward()
+    gradients = [p.grad for n, p in model.named_parameters() if "multi_modal_projector.modules_to_save" in n]
+    assert gradients and all(grad is not None for grad in gradients)
+
+
 def test_a_batch_without_images_still_runs_the_vision_tower(workspace, tmp_path):
     """A text-only batch gains a masked blank-image row: the projector gets a gradient, the loss is the real rows'."""
     trainer, _ = build_trainer(AdscTrainConfig(**ddp_config(workspace, tmp_path / "out", scan_data=False)))
@@ -308,13 +318,7 @@ def test_a_batch_without_images_still_runs_the_vision_tower(workspace, tmp_path)
     assert with_row["input_ids"].shape[0] == 3 and int((with_row["input_ids"][2] == image_token_id).sum()) == 16
     assert with_row["attention_mask"][2].sum() == 16 and (with_row["labels"][2] == -100).all()
     assert with_row["pixel_values"].shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE)
-    model = trainer.model
-    loss = trainer.compute_loss(model, text_only)
-    with torch.no_grad():
-        assert torch.allclose(loss, model(**text_only).loss, atol=1e-5)  # the blank row changes nothing
-    loss.backward()
-    gradients = [p.grad for n, p in model.named_parameters() if "multi_modal_projector.modules_to_save" in n]
-    assert gradients and all(grad is not None for grad in gradients)
+    assert_the_blank_row_changes_no_loss_and_trains_the_projector(trainer, text_only)
 
 
 def test_the_seed_fixes_the_initial_adapter(workspace, tmp_path):
@@ -414,22 +418,12 @@ def test_lora_under_zero3_with_checkpointing_needs_deepspeed_0_19_3(lora, zero3,
 
 
 def next_workspace(root: Path, family: str, records: list[dict]) -> SimpleNamespace:
-    """A tiny stock NeXT / OneVision checkpoint with a NeXT-style processor (OneVision's own needs torchvision,
-    see `test_next_onevision.test_fine_tunes_with_lora_and_the_curriculum`), and `records` with their images."""
-    from test_next_onevision import CROP, FAMILIES, PINPOINTS
+    """A tiny stock NeXT / OneVision checkpoint with its processor (`processor_and_stock_config`), and `records` with
+    their image."""
+    from test_next_onevision import FAMILIES, processor_and_stock_config
 
-    from adsc_llava.testing import build_next_processor, build_word_tokenizer
-
-    processor = build_next_processor(
-        build_word_tokenizer(("what", "is", "it", "?", "red", "blue")), CROP, 4, PINPOINTS
-    )
-    if family == "onevision":
-        processor.vision_feature_select_strategy, processor.num_additional_image_tokens = "full", 0
-    stock_config_fn, _, _, stock_class = FAMILIES[family]
-    config = stock_config_fn()
-    config.text_config.vocab_size = len(processor.tokenizer)
-    config.image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
-    config.text_config.pad_token_id = processor.tokenizer.pad_token_id
+    processor, config = processor_and_stock_config(family, ("what", "is", "it", "?", "red", "blue"))
+    stock_class = FAMILIES[family][3]
     torch.manual_seed(0)
     stock_class(config).save_pretrained(root / "base")
     processor.save_pretrained(root / "base")
@@ -471,13 +465,7 @@ def test_a_next_or_onevision_batch_without_images_gets_the_familys_blank_image(f
     )
     assert torch.equal(with_row["pixel_values"], expected["pixel_values"])
     assert torch.equal(with_row["image_sizes"], expected["image_sizes"])
-    model = trainer.model
-    loss = trainer.compute_loss(model, text_only)
-    with torch.no_grad():
-        assert torch.allclose(loss, model(**text_only).loss, atol=1e-5)  # the blank row changes nothing
-    loss.backward()
-    gradients = [p.grad for n, p in model.named_parameters() if "multi_modal_projector.modules_to_save" in n]
-    assert gradients and all(grad is not None for grad in gradients)
+    assert_the_blank_row_changes_no_loss_and_trains_the_projector(trainer, text_only)
 
 
 def test_llava_next_trains_on_two_processes_when_one_gets_no_image(tmp_path):

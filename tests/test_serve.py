@@ -24,9 +24,9 @@ from PIL import Image, ImageDraw
 from transformers import pipeline
 
 from adsc_llava.families import family_of
-from adsc_llava.testing import DEMO_WORDS, PROMPT_WORDS, SPECIAL_TOKENS, build_next_processor, build_word_tokenizer
+from adsc_llava.testing import DEMO_WORDS
 
-from conftest import save_word_answering_checkpoint
+from conftest import answer_in_words, save_word_answering_checkpoint
 
 openai = pytest.importorskip("openai", reason="the serve test needs the openai client (the test extra installs it)")
 
@@ -57,28 +57,16 @@ def drawn_image(background: str) -> Image.Image:
 
 
 def save_next_word_answering_checkpoint(folder: Path, family: str) -> Path:
-    """A tiny pruned ADSC NeXT / OneVision checkpoint whose greedy answers are `NEW_TOKENS` plain words.
+    """A tiny pruned ADSC NeXT / OneVision checkpoint whose greedy answers are `NEW_TOKENS` plain words (OneVision
+    with the stand-in processor of `test_next_onevision.processor_and_stock_config`)."""
+    from test_next_onevision import processor_and_stock_config
 
-    OneVision's own processor needs torchvision, which this environment lacks: a NeXT processor set up as OneVision
-    counts (`full` features, no CLS) stands in, as in `test_next_onevision`.
-    """
-    from test_next_onevision import CROP, FAMILIES, PINPOINTS
-
-    processor = build_next_processor(build_word_tokenizer(DEMO_WORDS), CROP, 4, PINPOINTS)
-    if family == "onevision":
-        processor.vision_feature_select_strategy, processor.num_additional_image_tokens = "full", 0
-    stock_config = FAMILIES[family][0]()
-    stock_config.text_config.vocab_size = len(processor.tokenizer)
-    stock_config.image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
-    stock_config.text_config.pad_token_id = processor.tokenizer.pad_token_id
+    processor, stock_config = processor_and_stock_config(family, DEMO_WORDS)
     family_config = family_of(stock_config.model_type)
     config = family_config.config_class.from_stock_config(stock_config, pruning_layers=[1, 2], drop_ratio=0.5)
     torch.manual_seed(0)
     model = family_config.model_class(config).eval()
-    generation = model.generation_config
-    generation.do_sample = False
-    generation.max_new_tokens = generation.min_new_tokens = NEW_TOKENS
-    generation.suppress_tokens = processor.tokenizer.convert_tokens_to_ids([*SPECIAL_TOKENS, *PROMPT_WORDS])
+    answer_in_words(model, processor.tokenizer, NEW_TOKENS)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder

@@ -421,3 +421,78 @@ def test_an_environment_that_cannot_be_built_fails_with_the_reason(tmp_path):
     assert time.monotonic() - start < RUN_TIMEOUT_S
     with pytest.raises(EnvironmentBuildError, match="did not finish within 0.5 s"):
         build_eval_environment(tmp_path / "too-slow", timeout_s=0.5, env=env)
+
+
+# Stand-ins for what `eval/lmms_eval_env.sh` installs, so that its choices about torchvision are checked without
+# downloading torch: `python3 -m venv` makes a venv whose `pip` only logs its arguments and whose `python` is this
+# interpreter without site-packages (nor the working folder), over stub `torch` (a CUDA or a CPU build), `torchvision`
+# (loads or not), lmms-eval and the plugin.
+STUB_MODULES = {
+    "torch/__init__.py": """\
+import os
+__version__ = os.environ["STUB_TORCH_VERSION"]
+class version:
+    cuda = os.environ["STUB_TORCH_CUDA"] or None
+class cuda:
+    device_count = staticmethod(lambda: 0)
+""",
+    "torchvision/__init__.py": """\
+import os
+if os.environ["STUB_TORCHVISION_LOADS"] != "1":
+    raise RuntimeError("operator torchvision::nms does not exist")
+""",
+    "lmms_eval/__init__.py": "",
+    "lmms_eval/models/__init__.py": "",
+    "adsc_llava/__init__.py": "",
+    "adsc_llava/lmms_eval_plugin.py": "",
+}
+STUB_PYTHON3 = """\
+#!/bin/sh
+if [ "$1" = "-m" ] && [ "$2" = "venv" ]; then
+  mkdir -p "$3/bin" && cp "$STUB_ROOT/pip" "$STUB_ROOT/python" "$3/bin/" && exit 0
+fi
+exec "$STUB_REAL_PYTHON" "$@"
+"""
+STUB_PIP = '#!/bin/sh\necho "$@" >> "$STUB_ROOT/pip.log"\n'
+STUB_PYTHON = '#!/bin/sh\nPYTHONPATH="$STUB_ROOT/modules" exec "$STUB_REAL_PYTHON" -S -P "$@"\n'
+
+
+@pytest.mark.parametrize(
+    "torch_version, cuda, torchvision_loads, outcome",
+    [
+        ("2.13.0", "12.8", True, "kept"),  # PyPI's Linux wheel: `--device cuda:0` needs this environment as it is
+        ("2.13.0+cpu", "", False, "removed"),  # a local CPU wheel beside PyPI's torchvision
+        ("2.13.0+cpu", "", True, "kept"),  # a CPU torchvision (e.g. from PyTorch's CPU index)
+        ("2.13.0", "12.8", False, "failed"),  # nothing to fall back on: stop, saying so
+    ],
+)
+def test_the_environment_keeps_torchvision_wherever_it_loads(
+    tmp_path, torch_version, cuda, torchvision_loads, outcome
+):
+    """PyPI's `torch==2.13.0` is the CUDA build, beside which PyPI's torchvision loads: the script keeps it there
+    (and wherever it loads), removes it only beside a CPU-only torch, and otherwise stops naming the problem."""
+    files = {f"modules/{path}": text for path, text in STUB_MODULES.items()}
+    files.update({"bin/python3": STUB_PYTHON3, "pip": STUB_PIP, "python": STUB_PYTHON})
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+        (tmp_path / name).chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}",
+        "STUB_ROOT": str(tmp_path),
+        "STUB_REAL_PYTHON": sys.executable,
+        "STUB_TORCH_VERSION": torch_version,
+        "STUB_TORCH_CUDA": cuda,
+        "STUB_TORCHVISION_LOADS": str(int(torchvision_loads)),
+    }
+    if outcome == "failed":
+        expected = f"FAILED: torchvision does not load beside torch {torch_version}"
+        with pytest.raises(EnvironmentBuildError, match=expected):
+            build_eval_environment(tmp_path / "venv", timeout_s=60, env=env)
+        return
+    output = build_eval_environment(tmp_path / "venv", timeout_s=60, env=env)
+    pip_calls = (tmp_path / "pip.log").read_text().splitlines()
+    assert pip_calls[0].startswith("install -q -c ") and pip_calls[0].endswith("[eval]")
+    assert pip_calls[1:] == ([] if outcome == "kept" else ["uninstall -q -y torchvision"])
+    assert f"ready: torch {torch_version}, CUDA {cuda or None}, GPUs 0" in output

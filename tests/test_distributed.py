@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from test_train import IMAGE_SIZE, RECORDS, make_workspace
 
 from adsc_llava.train.args import AdscTrainConfig
+from adsc_llava.train.sampler import ModalityLengthGroupedSampler
 from adsc_llava.train.trainer import build_trainer, check_deepspeed_version, count_parameters
 
 from conftest import run_fresh_process
@@ -319,6 +320,24 @@ def test_a_batch_without_images_still_runs_the_vision_tower(workspace, tmp_path)
     assert with_row["attention_mask"][2].sum() == 16 and (with_row["labels"][2] == -100).all()
     assert with_row["pixel_values"].shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE)
     assert_the_blank_row_changes_no_loss_and_trains_the_projector(trainer, text_only)
+
+
+@pytest.mark.parametrize(
+    "image_records_only, option, grouped",
+    [(False, None, True), (False, False, False), (True, None, False), (True, True, True)],
+)
+def test_llavas_sampler_is_the_default_for_data_that_mixes_image_and_text_records(
+    workspace, tmp_path, image_records_only, option, grouped
+):
+    """LLaVA's recipe groups its mixed 665K by modality: the default does so for mixed data, an option overrides."""
+    data = workspace.data
+    if image_records_only:
+        data = tmp_path / "images.json"
+        data.write_text(json.dumps(RECORDS))
+    overrides = dict(data=str(data), image_folder=str(workspace.data.parent), group_by_modality_length=option)
+    config = ddp_config(workspace, tmp_path / "out", scan_data=False, **overrides)
+    trainer, _ = build_trainer(AdscTrainConfig(**config))
+    assert isinstance(trainer._get_train_sampler(), ModalityLengthGroupedSampler) == grouped
 
 
 def test_the_seed_fixes_the_initial_adapter(workspace, tmp_path):

@@ -38,6 +38,8 @@ SUBPACKAGE_FOLDERS = {
     "adsc_llava.benchmarks": "benchmarks",
     "adsc_llava.shapes_demo": "examples/shapes_demo",
 }
+# ZeRO-3 trains LoRA with activation checkpointing from 0.19.3 on (deepspeedai/DeepSpeed#8148; train/trainer.py).
+DEEPSPEED = "deepspeed>=0.19.3"
 # Oldest transformers release the test suite passes on (tests/test_packaging.py checks this is what is installed
 # or newer; docs/models.md, "Compatibility", says how it was found).
 MIN_TRANSFORMERS = "5.24.0"
@@ -91,13 +93,13 @@ setup(
             "ruff",
             "matplotlib",
             "parameterized",
-            "deepspeed",
+            DEEPSPEED,
             *SERVE_REQUIREMENTS,
             *DOCS_REQUIREMENTS,
         ],
         # lmms-eval imports filelock._api, which filelock 4.3 removed; build with eval/lmms_eval_env.sh.
         "eval": ["lmms-eval==0.7.3", "filelock<4.3"],
         "flash": ["flash-attn"],
-        "deepspeed": ["deepspeed"],
+        "deepspeed": [DEEPSPEED],
     },
 )

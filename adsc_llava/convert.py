@@ -59,6 +59,32 @@ def read_source_config(src: Path):
     return config_class.from_pretrained(src)
 
 
+def adsc_config_with_schedule(
+    source, *, budget: float | None = None, drop_ratio: float | None = None, pruning_layers: list[int] | None = None
+):
+    """`source` (a stock or ADSC config of a supported family) as its family's ADSC config, with the schedule asked.
+
+    An ADSC source keeps what it has unless told otherwise: with nothing asked, its whole schedule; with a budget or
+    a drop ratio, its keep policy and (unless `pruning_layers` are given) its pruning layers. A stock source gets the
+    schedule asked for, or none.
+    """
+    family = family_of(source.model_type)
+    if source.model_type != family.adsc_type:
+        return family.config_class.from_stock_config(
+            source, pruning_layers=pruning_layers, drop_ratio=drop_ratio, budget=budget
+        )
+    source = family.config_class.from_dict(source.to_dict())  # the installed class, also for a remote-code config
+    if budget is None and drop_ratio is None and pruning_layers is None:
+        return source
+    return family.config_class.from_stock_config(
+        source,
+        pruning_layers=pruning_layers if pruning_layers is not None else source.adsc_pruning_layers or None,
+        drop_ratio=drop_ratio,
+        budget=budget,
+        keep_policy=source.adsc_keep_policy,
+    )
+
+
 def check_destination(src: Path, dst: Path, overwrite: bool) -> None:
     """Refuse to write into SRC itself, into a file, or into a non-empty folder unless `overwrite`."""
     if dst.resolve() == src.resolve():
@@ -93,15 +119,20 @@ def loading_problems(loading_info: dict) -> list[str]:
     return problems
 
 
-def load_source_weights(src: str | Path, config, dtype: torch.dtype | str = "auto"):
+def load_source_weights(src: str | Path, config, dtype: torch.dtype | str = "auto", **from_pretrained_kwargs):
     """The source weights in the family's ADSC class (`"auto"`: their own dtype); a `CorruptCheckpointError` unless
-    all fit.
+    all fit. `from_pretrained_kwargs` (e.g. `attn_implementation`) go to `from_pretrained`.
 
     Both llava-hf key layouts load: the modeling files register their family's checkpoint conversion mapping.
     """
     # Mismatched shapes are collected (not raised one by one) so that the error lists every problem at once.
     model, loading_info = family_of(config.model_type).model_class.from_pretrained(
-        src, config=config, dtype=dtype, ignore_mismatched_sizes=True, output_loading_info=True
+        src,
+        config=config,
+        dtype=dtype,
+        ignore_mismatched_sizes=True,
+        output_loading_info=True,
+        **from_pretrained_kwargs,
     )
     problems = loading_problems(loading_info)
     if problems:
@@ -150,8 +181,10 @@ def convert_checkpoint(
         src: a local llava-hf (or ADSC-LLaVA) checkpoint folder.
         dst: the output folder; must be empty or absent unless `overwrite`.
         budget: target average vision tokens per LLM layer (e.g. 192 of 576); `r` is solved for `pruning_layers`.
-        drop_ratio: the drop ratio `r` instead of a budget. Neither means no pruning.
-        pruning_layers: the pruning layers; default the paper's `[2, 8, 16, 24]` scaled to the depth.
+        drop_ratio: the drop ratio `r` instead of a budget. Neither means no pruning (a stock SRC) or SRC's own
+            schedule (an ADSC SRC, which also keeps its keep policy and, unless given others, its pruning layers).
+        pruning_layers: the pruning layers; default SRC's (ADSC), else the paper's `[2, 8, 16, 24]` scaled to the
+            depth.
         overwrite: write into a non-empty `dst`.
 
     Returns:
@@ -165,9 +198,7 @@ def convert_checkpoint(
     src, dst = Path(src), Path(dst)
     check_destination(src, dst, overwrite)
     source = read_source_config(src)
-    config = family_of(source.model_type).config_class.from_stock_config(
-        source, pruning_layers=pruning_layers, drop_ratio=drop_ratio, budget=budget
-    )
+    config = adsc_config_with_schedule(source, budget=budget, drop_ratio=drop_ratio, pruning_layers=pruning_layers)
     model = load_source_weights(src, config)
     model.save_pretrained(dst)  # safetensors, config.json with auto_map, and both modeling files
     missing_code = [name for name in SHIPPED_MODELING_FILES if not (dst / name).is_file()]

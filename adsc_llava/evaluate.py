@@ -17,6 +17,7 @@ import math
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,34 +73,55 @@ def planned_runs(checkpoint: Path, budgets: list[float], methods: list[str]) -> 
     return runs, notes
 
 
-def model_args(checkpoint: Path, run: EvalRun) -> str:
+# model_args that `adsc-llava eval` sets itself for each run.
+OWN_MODEL_ARGS = ("pretrained", "budget", "method", "layers")
+
+
+def model_args(checkpoint: Path, run: EvalRun, extra: str | None = None) -> str:
+    """lmms-eval's `--model_args` for `run`, then `extra` (e.g. "attn_implementation=sdpa,max_new_tokens=128")."""
     args = [f"pretrained={checkpoint}"]
     if run.method is not None:
         layers = "/".join(str(layer) for layer in run.layers)  # lmms-eval splits its arguments at commas
         args += [f"budget={run.budget:g}", f"method={run.method}", f"layers={layers}"]
-    return ",".join(args)
+    return ",".join(args + ([extra] if extra else []))
 
 
-def read_scores(output_dir: Path, tasks: list[str]) -> dict[str, float]:
-    """`{"task metric": value}` from the one results file lmms-eval wrote under `output_dir`."""
-    results_files = sorted(output_dir.glob("**/*_results.json"))
+def task_names(results_file: dict, task: str) -> list[str]:
+    """`task` and, for a group (e.g. `textvqa`), its subtasks, depth first (`group_subtasks` of lmms-eval)."""
+    names = [task]
+    for subtask in results_file.get("group_subtasks", {}).get(task, []):
+        names += task_names(results_file, subtask)
+    return names
+
+
+def read_scores(output_dir: Path, tasks: list[str], since: float = 0.0) -> dict[str, float]:
+    """`{"task metric": value}` from the one results file lmms-eval wrote under `output_dir` at or after `since`
+    (a time stamp; older files are earlier runs into the same folder). A group task gives its own scores, if it
+    aggregates any, and every subtask's."""
+    results_files = [path for path in output_dir.glob("**/*_results.json") if path.stat().st_mtime >= since]
     if len(results_files) != 1:
-        raise RuntimeError(f"expected one lmms-eval results file under {output_dir}, found {len(results_files)}")
-    results = json.loads(results_files[0].read_text())["results"]
-    scores = {}
+        raise RuntimeError(
+            f"expected one new lmms-eval results file under {output_dir}, found {len(results_files)}: "
+            f"{sorted(str(path) for path in results_files)}"
+        )
+    results_file = json.loads(results_files[0].read_text())
+    results, scores = results_file["results"], {}
     for task in tasks:
-        if task not in results:
+        names = [name for name in task_names(results_file, task) if name in results]
+        if not names:
             raise RuntimeError(f"lmms-eval's results in {results_files[0]} have no task {task!r}")
-        for key, value in results[task].items():
-            metric, _, _ = key.partition(",")
-            if isinstance(value, int | float) and not metric.endswith("_stderr") and key != "alias":
-                scores[f"{task} {metric}"] = float(value)
+        for name in names:
+            for key, value in results[name].items():
+                metric, _, _ = key.partition(",")
+                if isinstance(value, int | float) and "_stderr" not in metric and key != "alias":
+                    scores[f"{name} {metric}"] = float(value)
     return scores
 
 
 def run_lmms_eval(lmms_eval: str, checkpoint: Path, run: EvalRun, args: argparse.Namespace, output_dir: Path) -> None:
+    arguments = model_args(checkpoint, run, args.model_args)
     command = [
-        lmms_eval, "--model", "adsc_llava", "--model_args", model_args(checkpoint, run),
+        lmms_eval, "--model", "adsc_llava", "--model_args", arguments,
         "--tasks", ",".join(args.tasks), "--batch_size", str(args.batch_size), "--device", args.device,
         "--output_path", str(output_dir), "--verbosity", "DEBUG",  # DEBUG: a failed evaluation raises
     ]  # fmt: skip
@@ -107,13 +129,17 @@ def run_lmms_eval(lmms_eval: str, checkpoint: Path, run: EvalRun, args: argparse
         command += ["--include_path", str(args.include_path)]
     if args.limit is not None:
         command += ["--limit", str(args.limit)]
+    if args.log_samples:
+        command += ["--log_samples"]
     log = output_dir / "lmms-eval.log"
     output_dir.mkdir(parents=True, exist_ok=True)
+    # File times can be coarser than time.time(): a run into a used folder takes files from its start on.
+    started = time.time() - 1
     with log.open("w") as stream:
         status = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT).returncode
     if status != 0:
-        raise RuntimeError(f"lmms-eval failed (exit status {status}) for {model_args(checkpoint, run)}; see {log}")
-    run.scores = read_scores(output_dir, args.tasks)
+        raise RuntimeError(f"lmms-eval failed (exit status {status}) for {arguments}; see {log}")
+    run.scores = read_scores(output_dir, args.tasks, since=started)
 
 
 def format_table(runs: list[EvalRun]) -> str:
@@ -170,6 +196,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=float, default=None, help="lmms-eval's --limit: samples per task.")
     parser.add_argument("--include-path", type=Path, default=None, help="lmms-eval's --include_path (own tasks).")
     parser.add_argument(
+        "--model-args",
+        default=None,
+        help="More model_args for every run, comma-separated (attn_implementation=flash_attention_2, "
+        "max_new_tokens=128, system_prompt=..., device_map=auto).",
+    )
+    parser.add_argument(
+        "--log-samples", action="store_true", help="lmms-eval's --log_samples: every answer, per task."
+    )
+    parser.add_argument(
         "--lmms-eval",
         default=None,
         help=f"The lmms-eval executable. Default: {DEFAULT_LMMS_EVAL.relative_to(DEFAULT_LMMS_EVAL.parents[2])} "
@@ -186,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("lmms-eval was not found: build its environment with `bash eval/lmms_eval_env.sh`.")
     if not (args.checkpoint / "config.json").is_file():
         parser.error(f"{args.checkpoint} has no config.json: give an ADSC checkpoint folder.")
+    own = [arg.split("=")[0] for arg in (args.model_args or "").split(",") if arg.split("=")[0] in OWN_MODEL_ARGS]
+    if own:
+        parser.error(f"--model-args cannot set {own}: give the checkpoint, --budgets and --methods instead.")
     try:
         runs, notes = planned_runs(args.checkpoint.resolve(), args.budgets, args.methods)
     except ValueError as error:

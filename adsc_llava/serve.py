@@ -13,9 +13,15 @@ layers cache fewer tokens (`AdscLlavaForConditionalGeneration.init_continuous_ba
 import argparse
 import sys
 
-from adsc_llava.cli import prog
+from PIL import UnidentifiedImageError
 
-ADSC_MODEL_TYPES = ("adsc_llava",)
+from adsc_llava.cli import prog
+from adsc_llava.families import FAMILIES
+
+ADSC_MODEL_TYPES = tuple(family.adsc_type for family in FAMILIES)
+# What a request's own content can make the model or processor raise (an image that is not one, more images than
+# placeholders, a prompt over the context): a 400 naming the problem, not a bare 500.
+REQUEST_ERRORS = (ValueError, UnidentifiedImageError)
 
 EXAMPLES = """examples:
   adsc-llava serve llava-1.5-7b-adsc-192/                       # http://localhost:8000/v1/chat/completions
@@ -91,7 +97,7 @@ def build_app(
     )
     generation_state = GenerationState(continuous_batching=False, compile=False, cb_config=None)
     handler_kwargs = {"model_manager": model_manager, "generation_state": generation_state}
-    return build_server(
+    app = build_server(
         model_manager,
         ChatCompletionHandler(**handler_kwargs, chat_template_kwargs={}),
         completion_handler=CompletionHandler(**handler_kwargs),
@@ -100,6 +106,16 @@ def build_app(
         systemone_handler=SystemOneHandler(**handler_kwargs, chat_template_kwargs={}, decision_config=None),
         generation_state=generation_state,
     )
+
+    async def bad_request(request, error: Exception):
+        from fastapi.responses import JSONResponse
+
+        message = f"{type(error).__name__}: {error}"
+        return JSONResponse({"error": {"message": message, "type": "invalid_request_error"}}, status_code=400)
+
+    for error_class in REQUEST_ERRORS:
+        app.add_exception_handler(error_class, bad_request)
+    return app
 
 
 def build_parser() -> argparse.ArgumentParser:

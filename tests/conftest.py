@@ -116,13 +116,18 @@ def save_word_answering_checkpoint(folder: Path, new_tokens: int) -> Path:
     config = AdscLlavaConfig.from_llava_config(tiny_llava_config_for(processor), pruning_layers=[1, 2], drop_ratio=0.5)
     torch.manual_seed(0)
     model = AdscLlavaForConditionalGeneration(config).eval()
-    generation = model.generation_config
-    generation.do_sample = False
-    generation.max_new_tokens = generation.min_new_tokens = new_tokens
-    generation.suppress_tokens = processor.tokenizer.convert_tokens_to_ids([*SPECIAL_TOKENS, *PROMPT_WORDS])
+    answer_in_words(model, processor.tokenizer, new_tokens)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+def answer_in_words(model, tokenizer, new_tokens: int) -> None:
+    """Make `model`'s greedy answers exactly `new_tokens` plain words (special tokens and prompt words suppressed)."""
+    generation = model.generation_config
+    generation.do_sample = False
+    generation.max_new_tokens = generation.min_new_tokens = new_tokens
+    generation.suppress_tokens = tokenizer.convert_tokens_to_ids([*SPECIAL_TOKENS, *PROMPT_WORDS])
 
 
 def run_fresh_process(script: str, workdir: Path, request: dict, timeout_s: float = 180) -> dict:

@@ -117,6 +117,24 @@ def test_drop_ratio_and_pruning_layers_from_the_command_line(stock, tmp_path):
     assert config.vision_tokens_per_layer() == [16, 16, 8, 8]
 
 
+def test_an_adsc_source_keeps_its_layers_and_keep_policy_unless_told_otherwise(stock, tmp_path):
+    source = tmp_path / "source"
+    schedule = ["--drop-ratio", "0.5", "--pruning-layers", "1", "3"]
+    assert main([str(stock["folders"]["saved"]), str(source), *schedule]) == 0
+    saved = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**saved, "adsc_keep_policy": "pyramiddrop"}))
+    assert main([str(source), str(tmp_path / "same")]) == 0  # nothing asked: the whole schedule stays
+    same = AdscLlavaConfig.from_pretrained(tmp_path / "same")
+    assert same.schedule == {"adsc_pruning_layers": [1, 3], "adsc_drop_ratio": 0.5, "adsc_keep_policy": "pyramiddrop"}
+    assert main([str(source), str(tmp_path / "budget"), "--budget", "10"]) == 0  # a new budget on the same layers
+    budget = AdscLlavaConfig.from_pretrained(tmp_path / "budget")
+    assert (budget.adsc_pruning_layers, budget.adsc_keep_policy) == ([1, 3], "pyramiddrop")
+    assert budget.adsc_drop_ratio == solve_drop_ratio(4, [1, 3], budget.image_seq_length, 10)
+    assert main([str(source), str(tmp_path / "layers"), "--drop-ratio", "0.25", "--pruning-layers", "2"]) == 0
+    layers = AdscLlavaConfig.from_pretrained(tmp_path / "layers")
+    assert layers.schedule == {"adsc_pruning_layers": [2], "adsc_drop_ratio": 0.25, "adsc_keep_policy": "pyramiddrop"}
+
+
 def test_processor_is_carried_over(stock, tmp_path):
     convert_checkpoint(stock["folders"]["saved"], tmp_path / "adsc", drop_ratio=0.5)
     processor = AutoProcessor.from_pretrained(tmp_path / "adsc", trust_remote_code=True)

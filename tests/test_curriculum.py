@@ -3,8 +3,7 @@
 from types import SimpleNamespace
 
 import pytest
-import torch
-from transformers import LlavaConfig, Trainer, TrainingArguments
+from transformers import LlavaConfig
 
 from adsc_llava import AdscLlavaConfig
 from adsc_llava.configuration_adsc_llava import vision_tokens_per_layer
@@ -16,7 +15,6 @@ from adsc_llava.train.curriculum import (
     describe_curriculum,
     phase_at,
 )
-from adsc_llava.train.trainer import planned_steps
 
 TARGET = 192  # of LLaVA-1.5-7B's 576 vision tokens, pruned at [2, 8, 16, 24]
 NUM_LAYERS, NUM_TOKENS, PRUNING_LAYERS = 32, 576, [2, 8, 16, 24]
@@ -95,14 +93,22 @@ def test_bad_curricula_are_rejected(config, kwargs, message):
         build_curriculum(config, TARGET, **{"total_steps": 10, **kwargs})
 
 
-def test_callback_sets_the_drop_ratio_of_the_current_step(config):
-    phases = build_curriculum(config, TARGET, 6, CURRICULUM_FACTORS["reverse"])
-    callback = CurriculumCallback(config, phases)
+def test_callback_builds_its_phases_for_the_trainers_step_count_and_sets_the_drop_ratio(config, capsys):
+    callback = CurriculumCallback(config, TARGET, CURRICULUM_FACTORS["reverse"], print_plan=True)
+    state = SimpleNamespace(global_step=0, max_steps=6, is_world_process_zero=True)
+    callback.on_train_begin(None, state, None)
+    phases = callback.phases
+    assert phases == build_curriculum(config, TARGET, 6, CURRICULUM_FACTORS["reverse"])
+    assert describe_curriculum(config, phases) in capsys.readouterr().out
     for step in range(6):
         callback.on_step_begin(None, SimpleNamespace(global_step=step), None)
         assert config.adsc_drop_ratio == phase_at(phases, step).drop_ratio
+        phase = phase_at(phases, step)
+        assert callback.log_values() == {
+            "adsc/phase": phases.index(phase) + 1, "adsc/budget": phase.budget, "adsc/drop_ratio": phase.drop_ratio
+        }  # fmt: skip
     # A run resumed at step 3 starts in the middle phase, before its first step.
-    callback.on_train_begin(None, SimpleNamespace(global_step=3), None)
+    callback.on_train_begin(None, SimpleNamespace(global_step=3, max_steps=6, is_world_process_zero=False), None)
     assert config.adsc_drop_ratio == phases[1].drop_ratio
 
 
@@ -112,26 +118,6 @@ def test_description_has_one_line_per_phase_with_the_schedule(config):
     assert len(lines) == 3
     assert "steps 6-8" in lines[2] and "budget 192.0" in lines[2] and f"r={phases[2].drop_ratio:.4f}" in lines[2]
     assert "576x2, 335x6, 194x8, 112x8, 65x8" in lines[2]
-
-
-@pytest.mark.parametrize(
-    "num_samples, batch, accumulation, epochs",
-    [(40, 4, 1, 1.0), (10, 4, 2, 1.0), (10, 4, 1, 1.5), (9, 2, 4, 2.0), (3, 4, 1, 0.5), (7, 3, 2, 2.5)],
-)
-def test_planned_steps_match_the_trainers_count(tmp_path, num_samples, batch, accumulation, epochs):
-    """The curriculum is built before training: it must be for as many steps as the Trainer will run."""
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=batch,
-        gradient_accumulation_steps=accumulation,
-        num_train_epochs=epochs,
-        report_to="none",
-        use_cpu=True,
-    )
-    dataset = [{"x": torch.zeros(1)} for _ in range(num_samples)]
-    trainer = Trainer(model=torch.nn.Linear(1, 1), args=args, train_dataset=dataset)
-    *_, trainer_steps = trainer.set_initial_training_values(args, trainer.get_train_dataloader())
-    assert planned_steps(None, args, num_samples) == trainer_steps
 
 
 def test_train_config_rejects_inconsistent_options():

@@ -2,6 +2,10 @@
 
 import json
 import logging
+import os
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,19 +16,18 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from torch.utils.data import DataLoader
 from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast, TrainingArguments
 
-from adsc_llava.testing import LLAVA_HF_CHAT_TEMPLATE, build_processor, build_word_tokenizer, tiny_llava_config_for
-from adsc_llava.train import data
-from adsc_llava.train.data import (
-    IGNORE_INDEX,
-    BadRecordError,
-    ChatTemplateError,
-    DataValidationError,
-    LlavaDataCollator,
-    LlavaInstructDataset,
-    ModalityLengthGroupedSampler,
-    get_modality_length_grouped_indices,
-    load_records,
+from adsc_llava.testing import (
+    LLAVA_HF_CHAT_TEMPLATE,
+    build_next_processor,
+    build_processor,
+    build_word_tokenizer,
+    tiny_llava_config_for,
 )
+from adsc_llava.train import data
+from adsc_llava.train.collator import LlavaDataCollator
+from adsc_llava.train.data import IGNORE_INDEX, BadRecordError, ChatTemplateError, DataValidationError, load_records
+from adsc_llava.train.dataset import LlavaInstructDataset, scan_once
+from adsc_llava.train.sampler import ModalityLengthGroupedSampler, get_modality_length_grouped_indices
 
 WORDS = ("what", "color", "is", "it", "?", "red", ".", "and", "the", "shape", "square", "hello", "hi", "there")
 # Ids by construction of the word tokenizer: specials, prompt words, then WORDS in order.
@@ -366,7 +369,7 @@ def test_scan_in_worker_processes_matches_in_process(processor, image_folder):
 def test_lazy_skip_uses_next_record_and_counts(processor, image_folder, caplog):
     records = [BAD_RECORDS["missing_image"], BAD_RECORDS["unknown_role"], TEXT]
     dataset = _dataset(records, processor, image_folder, on_bad_record="skip")
-    with caplog.at_level(logging.WARNING, logger="adsc_llava.train.data"):
+    with caplog.at_level(logging.WARNING, logger="adsc_llava.train.dataset"):
         sample = dataset[0]
     assert sample["id"] == "text"
     assert dict(dataset.stats.skipped) == {"missing_image": 1, "malformed_roles": 1}
@@ -622,3 +625,105 @@ def test_supervised_tokens_are_exactly_the_answers(processor, fallback_processor
     # Every answer starts right after an ASSISTANT: token.
     starts = [i for i in range(1, len(labels)) if labels[i] != IGNORE_INDEX and labels[i - 1] == IGNORE_INDEX]
     assert all(input_ids[i - 1] == ASSISTANT for i in starts) and len(starts) == len(turns)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# LLaVA's conventions, and one scan for every process and every resume
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_a_leading_answer_is_dropped_as_llava_does(processor, image_folder):
+    leading = {**MULTI, "id": "leading", "conversations": [{"from": "gpt", "value": "hi"}, *MULTI["conversations"]]}
+    sample = _dataset([leading], processor, image_folder)[0]
+    assert sample["input_ids"].tolist() == MULTI_IDS and sample["labels"].tolist() == MULTI_LABELS
+    only_answer = {"id": "only", "conversations": [{"from": "gpt", "value": "hi"}]}
+    with pytest.raises(BadRecordError, match="no_conversations"):
+        _dataset([only_answer], processor, image_folder)[0]
+
+
+def test_placeholder_counts_by_image_size_equal_what_the_processor_writes():
+    """The scan counts an image's placeholders from its size without processing pixels; that count must be the one
+    the processor writes, for LLaVA-1.5 (constant) and LLaVA-NeXT (grid and aspect ratio dependent) alike."""
+    tokenizer = build_word_tokenizer(WORDS)
+    pinpoints = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+    generator = torch.Generator().manual_seed(0)
+    sizes = [(1, 500), (500, 1), (336, 336), *torch.randint(8, 1400, (16, 2), generator=generator).tolist()]
+    for processor in (build_processor(tokenizer, 336, 14), build_next_processor(tokenizer, 336, 14, pinpoints)):
+        encoder = data.ConversationEncoder(processor)
+        counts = [encoder.image_tokens_for_size(width, height) for width, height in sizes]
+        assert counts == [encoder.measured_image_tokens(width, height) for width, height in sizes]
+    assert len(set(counts)) > 5  # NeXT's counts do depend on the size
+
+
+def test_the_scan_is_kept_and_reused_until_the_data_or_the_settings_change(processor, image_folder, monkeypatch):
+    data_file = image_folder / "data.json"
+    data_file.write_text(json.dumps([SINGLE, BAD_RECORDS["missing_image"], TEXT]))
+    cache_file = image_folder / "out" / "data-scan.json"
+
+    def scanned(**kwargs):
+        dataset = LlavaInstructDataset.from_json(data_file, processor, image_folder, on_bad_record="skip", **kwargs)
+        stats, how = scan_once(dataset, cache_file, show_progress=False)
+        return dataset, stats, how
+
+    first, stats, how = scanned()
+    assert how.startswith("scanned") and first.indices == [0, 2] and dict(stats.skipped) == {"missing_image": 1}
+    checks = []
+    monkeypatch.setattr(LlavaInstructDataset, "check", lambda self, index, **kwargs: checks.append(index))
+    again, stats_again, how = scanned()  # a rerun or --resume into the same output folder
+    assert how == f"reused {cache_file}" and checks == []
+    assert again.indices == first.indices and stats_again == stats
+    scanned(max_length=1000)  # other settings: scanned again
+    assert checks == [0, 1, 2]
+    data_file.write_text(json.dumps([SINGLE, TEXT]))  # other data: scanned again
+    scanned()
+    assert checks == [0, 1, 2, 0, 1]
+
+
+# One of two processes (gloo) scanning together; rank 1's file system "loses" every image it looks at.
+SCAN_AS_RANK = """
+import json, sys
+from pathlib import Path
+import torch
+from adsc_llava.testing import build_processor, build_word_tokenizer
+from adsc_llava.train import dataset as dataset_module
+from adsc_llava.train.data import BadRecordError
+
+rank, port, folder, words = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), json.loads(sys.argv[4])
+torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+processor = build_processor(build_word_tokenizer(words), image_size=16, patch_size=8)
+checked, check_image_file = [], dataset_module.check_image_file
+
+def flaky_check_image_file(path, record_id):
+    checked.append(record_id)
+    if rank == 1:
+        raise BadRecordError(record_id, "missing_image", "a file system hiccup on rank 1 only")
+    return check_image_file(path, record_id)
+
+dataset_module.check_image_file = flaky_check_image_file
+dataset = dataset_module.LlavaInstructDataset.from_json(folder / "data.json", processor, folder, on_bad_record="skip")
+stats, _ = dataset_module.scan_once(dataset, folder / "out" / "data-scan.json", show_progress=False)
+result = {"indices": dataset.indices, "checked": checked, "summary": stats.summary()}
+(folder / f"rank{rank}.json").write_text(json.dumps(result))
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_two_processes_scan_half_each_and_serve_the_same_records(image_folder):
+    """Each process checks its share and they exchange what they found: whatever one process alone saw, both
+    serve the same records (a process that scanned everything itself would serve a data set of its own)."""
+    records = [{**SINGLE, "id": f"image_{index}"} for index in range(6)] + [TEXT]
+    (image_folder / "data.json").write_text(json.dumps(records))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    arguments = [str(port), str(image_folder), json.dumps(WORDS)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ranks = [subprocess.Popen([sys.executable, "-c", SCAN_AS_RANK, str(rank), *arguments], env=env) for rank in (0, 1)]
+    assert [process.wait(timeout=300) for process in ranks] == [0, 0]
+    first, second = (json.loads((image_folder / f"rank{rank}.json").read_text()) for rank in range(2))
+    assert first["indices"] == second["indices"] == [0, 2, 4, 6]  # rank 1's records 1, 3, 5 lost for both
+    summary = "checked 7, kept 4, skipped 3 (missing_image: 3 e.g. ['image_1', 'image_3', 'image_5'])"
+    assert first["summary"] == second["summary"] == summary
+    assert first["checked"] == ["image_0", "image_2", "image_4"]
+    assert second["checked"] == ["image_1", "image_3", "image_5"]
+    assert (image_folder / "out" / "data-scan.json").is_file()

@@ -1,17 +1,23 @@
-"""The lmms-eval plugin: `lmms-eval --model adsc_llava` evaluates a tiny ADSC checkpoint on a tiny offline task.
+"""The lmms-eval plugin: `lmms-eval --model adsc_llava` evaluates a tiny ADSC checkpoint on tiny offline tasks.
 
-lmms-eval cannot share the project's environment (it requires torchvision, whose PyPI wheel is a CUDA build), so the
-test builds its own with `eval/lmms_eval_env.sh` into `.venv-lmms-eval` (about 80 s, once per clone). lmms-eval exits
-0 even when an evaluation fails, so it runs with `--verbosity DEBUG` (which re-raises) and the test reads the results
-and samples files. Its answers must equal an independent batched `generate()` on the same checkpoint in the same
-environment, with the checkpoint's schedule, with a budget given on the command line, and with a baseline policy.
+lmms-eval cannot share the project's environment (it requires torchvision, which does not load beside the CPU torch
+the project pins here), so the tests build its own with `eval/lmms_eval_env.sh` into `.venv-lmms-eval` (minutes, once
+per clone); a build that cannot work fails the tests with the script's reason, within `BUILD_TIMEOUT_S`. lmms-eval
+exits 0 even when an evaluation fails, so it runs with `--verbosity DEBUG` (which re-raises) and the tests read the
+results and samples files. Its answers must equal an independent batched `generate()` on the same checkpoint in the
+same environment, batched as the plugin batches (same generation kwargs, longest prompt first): with the
+checkpoint's schedule, a budget given on the command line and a baseline policy; and for the task shapes LLaVA's
+benchmarks have: text-only documents (ScienceQA), several images per document, text-only and image rows in one batch,
+and `until` stop strings without `max_new_tokens` (TextVQA, VizWiz, SEED).
 """
 
 import importlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -27,19 +33,24 @@ from conftest import save_word_answering_checkpoint
 REPO = Path(__file__).resolve().parents[1]
 EVAL_VENV = REPO / ".venv-lmms-eval"
 EVAL_PYTHON = EVAL_VENV / "bin" / "python"
-BUILD_TIMEOUT_S = 900
+BUILD_TIMEOUT_S = 1200
 RUN_TIMEOUT_S = 300
 NEW_TOKENS = 4
+UNTIL_PROBE_TOKENS = 8  # the `until` task's answers are cut within this many tokens
 BATCH_SIZE = 2
-# Prompts of different lengths, so a batch is padded; images of different colors, so answers can differ.
-DOCS = [
-    {"question": "what is in the image ?", "color": "red"},
-    {"question": "how many shape ?", "color": "blue"},
-    {"question": "what color is the background of this picture ?", "color": "green"},
-]
+QUESTIONS = ["what is in the image ?", "how many shape ?", "what color is the background of this picture ?"]
+COLORS = ["red", "blue", "green", "white", "black", "yellow"]
+# Task shape -> images per document (prompts of different lengths, so a batch is padded).
+SHAPES = {
+    "vqa": [1, 1, 1],
+    "text": [0, 0, 0],  # ScienceQA's text-only questions
+    "multi": [2, 2, 2],
+    "mixed": [1, 0, 2],  # a batch of an image row and a text-only row
+    "until": [1, 1, 1],  # `until` only, no max_new_tokens
+}
 
 TASK_YAML = """\
-task: tiny_vqa
+task: {name}
 dataset_path: json
 dataset_kwargs:
   data_files:
@@ -50,8 +61,7 @@ doc_to_visual: !function utils.doc_to_visual
 doc_to_text: question
 doc_to_target: answer
 generation_kwargs:
-  max_new_tokens: {new_tokens}
-  temperature: 0
+{generation_kwargs}
 process_results: !function utils.process_results
 metric_list:
   - metric: exact_answer
@@ -66,44 +76,56 @@ from PIL import Image
 
 
 def doc_to_visual(doc):
-    return [Image.open(doc["image_path"]).convert("RGB")]
+    return [Image.open(path).convert("RGB") for path in doc["image_paths"]]
 
 
 def process_results(doc, results):
     return {"exact_answer": float(results[0].strip() == doc["answer"])}
 """
 
-# Runs in the lmms-eval environment without the plugin: what a user's own batched generate() answers.
+GROUP_YAML = """\
+group: tiny_group
+task:
+  - tiny_vqa
+  - tiny_text
+"""
+
+# Runs in the lmms-eval environment without the plugin: what a user's own batched generate() answers, with the
+# plugin's batching (prompts longest first), and the answers cut at the first stop string as lmms-eval cuts them.
 REFERENCE_SCRIPT = """\
 import json, sys
 import torch
 from PIL import Image
 from transformers import AutoModel, AutoProcessor
 
-checkpoint, docs_file, schedule, batch_size, new_tokens = sys.argv[1:]
+checkpoint, docs_file, schedule, batch_size, new_tokens, until = sys.argv[1:]
 docs = [json.loads(line) for line in open(docs_file)]
+until = json.loads(until)
 model = AutoModel.from_pretrained(checkpoint, trust_remote_code=True, dtype=torch.bfloat16).eval()
 model.config.update(json.loads(schedule))
 processor = AutoProcessor.from_pretrained(checkpoint, trust_remote_code=True)
 processor.tokenizer.padding_side = "left"
-answers = []
-for start in range(0, len(docs), int(batch_size)):
-    batch = docs[start : start + int(batch_size)]
-    texts = [
-        processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": doc["question"]}]}],
-            add_generation_prompt=True,
-            tokenize=False,
-        )
-        for doc in batch
+order = sorted(range(len(docs)), key=lambda index: (-len(docs[index]["question"]), index))
+answers = {}
+for start in range(0, len(order), int(batch_size)):
+    batch = order[start : start + int(batch_size)]
+    messages = [
+        [{"role": "user", "content": [{"type": "image"}] * len(docs[index]["image_paths"])
+          + [{"type": "text", "text": docs[index]["question"]}]}]
+        for index in batch
     ]
-    images = [Image.open(doc["image_path"]).convert("RGB") for doc in batch]
-    inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
+    texts = [processor.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages]
+    images = [Image.open(path).convert("RGB") for index in batch for path in docs[index]["image_paths"]]
+    inputs = processor(text=texts, padding=True, return_tensors="pt", **({"images": images} if images else {}))
     with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=int(new_tokens), do_sample=False)
+        output = model.generate(**inputs, max_new_tokens=int(new_tokens), min_new_tokens=int(new_tokens),
+                                do_sample=False)
     new = output[:, inputs["input_ids"].shape[1] :]
-    answers += processor.batch_decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-print(json.dumps({"answers": answers, "schedule": model.config.schedule}))
+    texts = processor.batch_decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    for index, text in zip(batch, texts):
+        cuts = [text.find(stop) for stop in until if text.find(stop) >= 0]
+        answers[index] = text[: min(cuts)] if cuts else text
+print(json.dumps({"answers": [answers[index] for index in range(len(docs))], "schedule": model.config.schedule}))
 """
 
 # Runs in the lmms-eval environment: the plugin's model class as lmms-eval builds it.
@@ -116,6 +138,38 @@ model_class = get_model("adsc_llava", force_simple=False)
 lmm = model_class(pretrained=checkpoint, device="cpu", batch_size=1, max_batch_size=None, **json.loads(model_args))
 print(json.dumps({"schedule": lmm.model.config.schedule, "padding_side": lmm.processor.tokenizer.padding_side}))
 """
+
+
+class EnvironmentBuildError(RuntimeError):
+    """`eval/lmms_eval_env.sh` failed or did not finish; the message says which step and why."""
+
+
+def build_eval_environment(venv: Path, timeout_s: float, env: dict | None = None) -> str:
+    """Run `eval/lmms_eval_env.sh venv`; its output. Never hangs: after `timeout_s` the whole build is killed."""
+    process = subprocess.Popen(
+        ["bash", str(REPO / "eval" / "lmms_eval_env.sh"), str(venv)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,  # pip and its children too, for the kill below
+    )
+    try:
+        output, _ = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        raise EnvironmentBuildError(
+            f"eval/lmms_eval_env.sh did not finish within {timeout_s:g} s (a slow or unreachable package index?). "
+            f"Its output:\n{output[-3000:]}"
+        ) from None
+    if process.returncode != 0:
+        failed = [line for line in output.splitlines() if "FAILED" in line]
+        raise EnvironmentBuildError(
+            f"eval/lmms_eval_env.sh failed (exit {process.returncode}): {'; '.join(failed) or 'see its output'}. "
+            f"Its output:\n{output[-3000:]}"
+        )
+    return output
 
 
 def eval_environment_ready() -> bool:
@@ -132,13 +186,10 @@ def eval_environment_ready() -> bool:
 @pytest.fixture(scope="module")
 def eval_python() -> Path:
     if not eval_environment_ready():
-        build = subprocess.run(
-            ["bash", str(REPO / "eval" / "lmms_eval_env.sh"), str(EVAL_VENV)],
-            capture_output=True,
-            text=True,
-            timeout=BUILD_TIMEOUT_S,
-        )
-        assert build.returncode == 0, f"eval/lmms_eval_env.sh failed:\n{build.stdout[-3000:]}\n{build.stderr[-3000:]}"
+        try:
+            build_eval_environment(EVAL_VENV, BUILD_TIMEOUT_S)
+        except EnvironmentBuildError as error:
+            pytest.fail(str(error), pytrace=False)
     return EVAL_PYTHON
 
 
@@ -155,26 +206,85 @@ def run_in(python: Path, script: str, *args: str, env: dict | None = None) -> di
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def write_task(folder: Path, answers: list[str]) -> Path:
-    """A three-question task whose first target is `answers[0]` and the others are not their answers."""
-    folder.mkdir()
+def write_docs(folder: Path, shape: str) -> Path:
+    """The documents of a task shape (answers "?" for now), each with its images drawn in its own colors."""
     docs = []
-    for index, doc in enumerate(DOCS):
-        image_path = folder / f"image{index}.png"
-        Image.new("RGB", (40, 30 + 10 * index), doc["color"]).save(image_path)
-        answer = answers[index] if index == 0 else "no answer"
-        docs.append({"question": doc["question"], "image_path": str(image_path), "answer": answer})
-    data_file = folder / "test.jsonl"
+    for index, (question, num_images) in enumerate(zip(QUESTIONS, SHAPES[shape], strict=True)):
+        paths = []
+        for image in range(num_images):
+            path = folder / f"{shape}-{index}-{image}.png"
+            Image.new("RGB", (40 + 8 * image, 30 + 10 * index), COLORS[(index + 2 * image) % len(COLORS)]).save(path)
+            paths.append(str(path))
+        docs.append({"question": question, "image_paths": paths, "answer": "?"})
+    data_file = folder / f"{shape}.jsonl"
     data_file.write_text("".join(json.dumps(doc) + "\n" for doc in docs))
-    task_folder = folder / "tasks" / "tiny_vqa"
-    task_folder.mkdir(parents=True)
-    (task_folder / "tiny_vqa.yaml").write_text(TASK_YAML.format(data_file=data_file, new_tokens=NEW_TOKENS))
-    (task_folder / "utils.py").write_text(TASK_UTILS)
     return data_file
+
+
+def write_task(task_root: Path, shape: str, data_file: Path, answers: list[str], until: list[str] | None = None):
+    """Task `tiny_<shape>` over `data_file`, whose first target is `answers[0]` and the others are not answers."""
+    docs = [json.loads(line) for line in data_file.read_text().splitlines()]
+    for index, doc in enumerate(docs):
+        doc["answer"] = answers[index] if index == 0 else "no answer"
+    data_file.write_text("".join(json.dumps(doc) + "\n" for doc in docs))
+    if until is None:
+        generation_kwargs = f"  max_new_tokens: {NEW_TOKENS}\n  temperature: 0"
+    else:  # lmms-eval's TextVQA, VizWiz, SEED: stop strings only
+        generation_kwargs = "  until:\n" + "".join(f"    - {json.dumps(stop)}\n" for stop in until).rstrip("\n")
+    folder = task_root / f"tiny_{shape}"
+    folder.mkdir(parents=True)
+    (folder / f"tiny_{shape}.yaml").write_text(
+        TASK_YAML.format(name=f"tiny_{shape}", data_file=data_file, generation_kwargs=generation_kwargs)
+    )
+    (folder / "utils.py").write_text(TASK_UTILS)
 
 
 def offline_env(home: Path) -> dict:
     return {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def reference_answers(python, checkpoint, data_file, schedule: dict, env, new_tokens=NEW_TOKENS, until=()) -> list:
+    reference = run_in(python, REFERENCE_SCRIPT, str(checkpoint), str(data_file), json.dumps(schedule),
+                       str(BATCH_SIZE), str(new_tokens), json.dumps(list(until)), env=env)  # fmt: skip
+    return reference["answers"]
+
+
+def prepare_tasks(python, checkpoint, root: Path, shapes: list[str], schedule: dict, env) -> dict[str, list[str]]:
+    """Tasks of the given shapes under `root / "tasks"`; the reference answers per shape."""
+    (root / "docs").mkdir()
+    expected = {}
+    for shape in shapes:
+        data_file = write_docs(root / "docs", shape)
+        until = None
+        if shape == "until":  # stop at each document's second word at the latest
+            probe = reference_answers(python, checkpoint, data_file, schedule, env, new_tokens=UNTIL_PROBE_TOKENS)
+            until = sorted({answer.split()[1] for answer in probe})
+        expected[shape] = reference_answers(
+            python, checkpoint, data_file, schedule, env, UNTIL_PROBE_TOKENS if until else NEW_TOKENS, until or ()
+        )
+        assert shape == "until" or all(answer.strip() for answer in expected[shape])
+        write_task(root / "tasks", shape, data_file, expected[shape], until)
+    return expected
+
+
+def run_lmms_eval(python: Path, model_args: str, tasks: list[str], root: Path, env: dict) -> Path:
+    output_path = root / "results"
+    command = [
+        str(python.parent / "lmms-eval"), "--model", "adsc_llava", "--model_args", model_args,
+        "--tasks", ",".join(tasks), "--include_path", str(root / "tasks"), "--output_path", str(output_path),
+        "--batch_size", str(BATCH_SIZE), "--device", "cpu", "--log_samples", "--verbosity", "DEBUG",
+    ]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, env=env)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return output_path
+
+
+def responses_and_metric(output_path: Path, task: str) -> tuple[list[str], list[str], float]:
+    (samples_file,) = output_path.glob(f"**/*_samples_{task}.jsonl")
+    samples = sorted((json.loads(line) for line in samples_file.read_text().splitlines()), key=lambda s: s["doc_id"])
+    (results_file,) = output_path.glob("**/*_results.json")
+    metric = json.loads(results_file.read_text())["results"][task]["exact_answer,none"]
+    return [sample["filtered_resps"] for sample in samples], [sample["target"] for sample in samples], metric
 
 
 # model_args beyond `pretrained`, and the schedule they must give (from the checkpoint's config, in this process).
@@ -204,45 +314,36 @@ def expected_schedule(checkpoint: Path, case: str) -> dict:
     return MODEL_ARGS[case][1](AdscLlavaConfig.from_pretrained(checkpoint)).schedule
 
 
-@pytest.mark.parametrize("case", ["checkpoint", "budget", "fastv"])
-def test_lmms_eval_answers_equal_a_direct_batched_generate(eval_python, checkpoint, tmp_path, case):
-    # The data file is written twice: first to get the reference answers, then with the first one as a target.
-    probe_docs = tmp_path / "probe"
-    data_file = write_task(probe_docs, ["?"] * len(DOCS))
-    env = offline_env(tmp_path / "hf")
-    schedule = json.dumps(expected_schedule(checkpoint, case))
-    reference = run_in(eval_python, REFERENCE_SCRIPT, str(checkpoint), str(data_file), schedule, str(BATCH_SIZE),
-                       str(NEW_TOKENS), env=env)  # fmt: skip
-    assert all(answer.strip() for answer in reference["answers"])
-    task_root = tmp_path / "task"
-    write_task(task_root, reference["answers"])
+def assert_answers_and_metric(output_path: Path, shape: str, expected: list[str]) -> None:
+    responses, targets, metric = responses_and_metric(output_path, f"tiny_{shape}")
+    assert [response.strip() for response in responses] == [answer.strip() for answer in expected], shape
+    matches = sum(response.strip() == target for response, target in zip(responses, targets, strict=True))
+    assert matches >= (1 if expected[0].strip() else 0) and metric == pytest.approx(matches / len(responses))
 
+
+@pytest.mark.parametrize("case", ["checkpoint", "fastv"])  # fastv: another budget, policy and layers
+def test_lmms_eval_answers_equal_a_direct_batched_generate(eval_python, checkpoint, tmp_path, case):
+    env = offline_env(tmp_path / "hf")
+    schedule = expected_schedule(checkpoint, case)
+    expected = prepare_tasks(eval_python, checkpoint, tmp_path, ["vqa"], schedule, env)["vqa"]
     model_args = ",".join(
         [f"pretrained={checkpoint}", *(f"{key}={value}" for key, value in MODEL_ARGS[case][0].items())]
     )
-    output_path = tmp_path / "results"
-    command = [
-        str(eval_python.parent / "lmms-eval"), "--model", "adsc_llava", "--model_args", model_args,
-        "--tasks", "tiny_vqa", "--include_path", str(task_root / "tasks"), "--output_path", str(output_path),
-        "--batch_size", str(BATCH_SIZE), "--device", "cpu", "--log_samples", "--verbosity", "DEBUG",
-    ]  # fmt: skip
-    run = subprocess.run(command, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, env=env)
-    assert run.returncode == 0, run.stderr[-4000:]
+    assert_answers_and_metric(run_lmms_eval(eval_python, model_args, ["tiny_vqa"], tmp_path, env), "vqa", expected)
 
-    results_files = list(output_path.glob("**/*_results.json"))
-    samples_files = list(output_path.glob("**/*_samples_tiny_vqa.jsonl"))
-    assert len(results_files) == 1 and len(samples_files) == 1, (results_files, samples_files, run.stderr[-2000:])
-    samples = sorted(
-        (json.loads(line) for line in samples_files[0].read_text().splitlines()), key=lambda s: s["doc_id"]
+
+def test_text_only_multi_image_mixed_and_until_tasks(eval_python, checkpoint, tmp_path):
+    """One lmms-eval run over the four task shapes that the generic chat class got wrong or never saw."""
+    env = offline_env(tmp_path / "hf")
+    shapes = ["text", "multi", "mixed", "until"]
+    expected = prepare_tasks(
+        eval_python, checkpoint, tmp_path, shapes, expected_schedule(checkpoint, "checkpoint"), env
     )
-    responses = [sample["filtered_resps"] for sample in samples]
-    assert responses == reference["answers"]
-    metrics = json.loads(results_files[0].read_text())["results"]["tiny_vqa"]
-    expected = sum(
-        response.strip() == sample["target"] for response, sample in zip(responses, samples, strict=True)
-    ) / len(DOCS)
-    assert expected >= 1 / len(DOCS)
-    assert metrics["exact_answer,none"] == pytest.approx(expected)
+    assert all(len(answer.split()) < 2 for answer in expected["until"])  # cut at the stop strings
+    output_path = run_lmms_eval(eval_python, f"pretrained={checkpoint}", [f"tiny_{shape}" for shape in shapes],
+                                tmp_path, env)  # fmt: skip
+    for shape in shapes:
+        assert_answers_and_metric(output_path, shape, expected[shape])
 
 
 @pytest.mark.parametrize("case", list(MODEL_ARGS))
@@ -292,32 +393,139 @@ def test_the_project_itself_does_not_import_lmms_eval():
     assert probe.returncode == 0, probe.stderr
 
 
-def test_adsc_llava_eval_sweeps_methods_and_budgets_into_a_table_and_a_plot(eval_python, checkpoint, tmp_path):
-    task_root = tmp_path / "task"
-    reference = run_in(eval_python, REFERENCE_SCRIPT, str(checkpoint), str(write_task(tmp_path / "probe", ["?"] * 3)),
-                       json.dumps(expected_schedule(checkpoint, "checkpoint")), str(BATCH_SIZE), str(NEW_TOKENS),
-                       env=offline_env(tmp_path / "hf"))  # fmt: skip
-    write_task(task_root, reference["answers"])
+def adsc_llava_eval(checkpoint: Path, root: Path, env: dict, *options: str) -> subprocess.CompletedProcess:
     command = [
-        sys.executable, "-m", "adsc_llava", "eval", str(checkpoint), "--tasks", "tiny_vqa", "--budgets", "8", "2",
-        "--methods", "uniform", "fastv", "pyramiddrop", "--device", "cpu", "--batch-size", str(BATCH_SIZE),
-        "--include-path", str(task_root / "tasks"), "--output-dir", str(tmp_path / "runs"),
-        "--plot", str(tmp_path / "scores.png"), "--lmms-eval", str(eval_python.parent / "lmms-eval"),
+        sys.executable, "-m", "adsc_llava", "eval", str(checkpoint), "--device", "cpu", "--batch-size",
+        str(BATCH_SIZE), "--include-path", str(root / "tasks"), "--output-dir", str(root / "runs"),
+        "--lmms-eval", str(EVAL_PYTHON.parent / "lmms-eval"), *options,
     ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=4 * RUN_TIMEOUT_S,
-                            env=offline_env(tmp_path / "hf"))  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, timeout=6 * RUN_TIMEOUT_S, env=env)
+
+
+def table_of(stdout: str) -> tuple[list[str], dict]:
+    rows = [line.split("|")[1:-1] for line in stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    header = [cell.strip() for cell in rows[0]]
+    return header, {(cells[0].strip(), cells[1].strip()): [cell.strip() for cell in cells] for cells in rows[1:]}
+
+
+def test_adsc_llava_eval_sweeps_a_group_task_into_a_table_and_a_plot_and_reruns(eval_python, checkpoint, tmp_path):
+    env = offline_env(tmp_path / "hf")
+    schedule = expected_schedule(checkpoint, "checkpoint")
+    prepare_tasks(eval_python, checkpoint, tmp_path, ["vqa", "text"], schedule, env)
+    (tmp_path / "tasks" / "tiny_group.yaml").write_text(GROUP_YAML)
+    result = adsc_llava_eval(checkpoint, tmp_path, env, "--tasks", "tiny_group", "--budgets", "8", "2", "--methods",
+                             "uniform", "fastv", "pyramiddrop", "--plot", str(tmp_path / "scores.png"),
+                             "--log-samples", "--model-args", "attn_implementation=eager")  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
-    rows = [
-        line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line
-    ]
-    table = {(cells[0].strip(), cells[1].strip()): cells for cells in rows[1:]}
+    header, table = table_of(result.stdout)
+    # The group's subtasks, each with its own score.
+    assert header[3:] == ["tiny_vqa exact_answer", "tiny_text exact_answer"]
     assert list(table) == [("checkpoint", "checkpoint"), ("ADSC", "8"), ("FastV", "8"), ("PyramidDrop", "8")]
-    assert table[("checkpoint", "checkpoint")][3].strip() == "0.3333"  # the first answer is the only target met
-    assert table[("FastV", "8")][2].strip() == "[1]" and table[("PyramidDrop", "8")][2].strip() == "[1, 2, 3]"
-    assert all(0 <= float(cells[3]) <= 1 for cells in table.values())
+    assert table[("checkpoint", "checkpoint")][3:] == ["0.3333", "0.3333"]  # each first answer is the only one met
+    assert table[("FastV", "8")][2] == "[1]" and table[("PyramidDrop", "8")][2] == "[1, 2, 3]"
+    assert all(0 <= float(score) <= 1 for cells in table.values() for score in cells[3:])
     # Budget 2 is below what pruning first at layer 1 of 4 reaches (16 tokens / 4 layers): listed, not run.
     assert "left out: FastV 2: its layers [1] reach [4, 16)" in result.stdout
     assert (tmp_path / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    checkpoint_run = tmp_path / "runs" / "checkpoint"
+    assert len(list(checkpoint_run.glob("**/*_samples_tiny_vqa.jsonl"))) == 1  # --log-samples
+    (results_file,) = checkpoint_run.glob("**/*_results.json")
+    assert "attn_implementation=eager" in json.loads(results_file.read_text())["config"]["model_args"]
+
+    time.sleep(1.1)  # a second results file per run folder, with a later time stamp
+    again = adsc_llava_eval(checkpoint, tmp_path, env, "--tasks", "tiny_group")  # into the same output folder
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert table_of(again.stdout)[1][("checkpoint", "checkpoint")] == table[("checkpoint", "checkpoint")]
+    assert len(list(checkpoint_run.glob("**/*_results.json"))) == 2
+    refused = adsc_llava_eval(checkpoint, tmp_path, env, "--tasks", "tiny_vqa", "--model-args", "budget=3")
+    assert refused.returncode == 2 and "--model-args cannot set ['budget']" in refused.stderr
+
+
+def test_an_environment_that_cannot_be_built_fails_with_the_reason(tmp_path):
+    """No reachable package index: the build stops at pip, saying so, in seconds; and no build outlives its time."""
+    env = {**os.environ, "PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_EXTRA_INDEX_URL": "", "PIP_FIND_LINKS": "",
+           "PIP_CONFIG_FILE": os.devnull, "PIP_RETRIES": "0", "PIP_TIMEOUT": "2"}  # fmt: skip
+    start = time.monotonic()
+    with pytest.raises(EnvironmentBuildError, match=r"failed \(exit 1\): lmms_eval_env.sh: FAILED: pip install"):
+        build_eval_environment(tmp_path / "unreachable", timeout_s=RUN_TIMEOUT_S, env=env)
+    assert time.monotonic() - start < RUN_TIMEOUT_S
+    with pytest.raises(EnvironmentBuildError, match="did not finish within 0.5 s"):
+        build_eval_environment(tmp_path / "too-slow", timeout_s=0.5, env=env)
+
+
+# Stand-ins for what `eval/lmms_eval_env.sh` installs, so that its choices about torchvision are checked without
+# downloading torch: `python3 -m venv` makes a venv whose `pip` only logs its arguments and whose `python` is this
+# interpreter without site-packages (nor the working folder), over stub `torch` (a CUDA or a CPU build), `torchvision`
+# (loads or not), lmms-eval and the plugin.
+STUB_MODULES = {
+    "torch/__init__.py": """\
+import os
+__version__ = os.environ["STUB_TORCH_VERSION"]
+class version:
+    cuda = os.environ["STUB_TORCH_CUDA"] or None
+class cuda:
+    device_count = staticmethod(lambda: 0)
+""",
+    "torchvision/__init__.py": """\
+import os
+if os.environ["STUB_TORCHVISION_LOADS"] != "1":
+    raise RuntimeError("operator torchvision::nms does not exist")
+""",
+    "lmms_eval/__init__.py": "",
+    "lmms_eval/models/__init__.py": "",
+    "adsc_llava/__init__.py": "",
+    "adsc_llava/lmms_eval_plugin.py": "",
+}
+STUB_PYTHON3 = """\
+#!/bin/sh
+if [ "$1" = "-m" ] && [ "$2" = "venv" ]; then
+  mkdir -p "$3/bin" && cp "$STUB_ROOT/pip" "$STUB_ROOT/python" "$3/bin/" && exit 0
+fi
+exec "$STUB_REAL_PYTHON" "$@"
+"""
+STUB_PIP = '#!/bin/sh\necho "$@" >> "$STUB_ROOT/pip.log"\n'
+STUB_PYTHON = '#!/bin/sh\nPYTHONPATH="$STUB_ROOT/modules" exec "$STUB_REAL_PYTHON" -S -P "$@"\n'
+
+
+@pytest.mark.parametrize(
+    "torch_version, cuda, torchvision_loads, outcome",
+    [
+        ("2.13.0", "12.8", True, "kept"),  # PyPI's Linux wheel: `--device cuda:0` needs this environment as it is
+        ("2.13.0+cpu", "", False, "removed"),  # a local CPU wheel beside PyPI's torchvision
+        ("2.13.0+cpu", "", True, "kept"),  # a CPU torchvision (e.g. from PyTorch's CPU index)
+        ("2.13.0", "12.8", False, "failed"),  # nothing to fall back on: stop, saying so
+    ],
+)
+def test_the_environment_keeps_torchvision_wherever_it_loads(
+    tmp_path, torch_version, cuda, torchvision_loads, outcome
+):
+    """PyPI's `torch==2.13.0` is the CUDA build, beside which PyPI's torchvision loads: the script keeps it there
+    (and wherever it loads), removes it only beside a CPU-only torch, and otherwise stops naming the problem."""
+    files = {f"modules/{path}": text for path, text in STUB_MODULES.items()}
+    files.update({"bin/python3": STUB_PYTHON3, "pip": STUB_PIP, "python": STUB_PYTHON})
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+        (tmp_path / name).chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}",
+        "STUB_ROOT": str(tmp_path),
+        "STUB_REAL_PYTHON": sys.executable,
+        "STUB_TORCH_VERSION": torch_version,
+        "STUB_TORCH_CUDA": cuda,
+        "STUB_TORCHVISION_LOADS": str(int(torchvision_loads)),
+    }
+    if outcome == "failed":
+        expected = f"FAILED: torchvision does not load beside torch {torch_version}"
+        with pytest.raises(EnvironmentBuildError, match=expected):
+            build_eval_environment(tmp_path / "venv", timeout_s=60, env=env)
+        return
+    output = build_eval_environment(tmp_path / "venv", timeout_s=60, env=env)
+    pip_calls = (tmp_path / "pip.log").read_text().splitlines()
+    assert pip_calls[0].startswith("install -q -c ") and pip_calls[0].endswith("[eval]")
+    assert pip_calls[1:] == ([] if outcome == "kept" else ["uninstall -q -y torchvision"])
+    assert f"ready: torch {torch_version}, CUDA {cuda or None}, GPUs 0" in output
 
 
 def save_qwen_word_answering_checkpoint(folder: Path, family: str) -> Path:
@@ -361,20 +569,6 @@ def test_lmms_eval_runs_qwen_checkpoints_at_a_budget(eval_python, tmp_path, fami
     assert loaded["schedule"] == config.with_budget(budget).schedule and loaded["padding_side"] == "left"
 
     env = offline_env(tmp_path / "hf")
-    data_file = write_task(tmp_path / "probe", ["?"] * len(DOCS))
-    reference = run_in(eval_python, REFERENCE_SCRIPT, str(checkpoint), str(data_file), json.dumps(loaded["schedule"]),
-                       str(BATCH_SIZE), str(NEW_TOKENS), env=env)  # fmt: skip
-    task_root = tmp_path / "task"
-    write_task(task_root, reference["answers"])
-    output_path = tmp_path / "results"
-    command = [
-        str(eval_python.parent / "lmms-eval"), "--model", "adsc_llava", "--model_args",
-        f"pretrained={checkpoint},budget={budget}", "--tasks", "tiny_vqa", "--include_path", str(task_root / "tasks"),
-        "--output_path", str(output_path), "--batch_size", str(BATCH_SIZE), "--device", "cpu", "--log_samples",
-        "--verbosity", "DEBUG",
-    ]  # fmt: skip
-    run = subprocess.run(command, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, env=env)
-    assert run.returncode == 0, run.stderr[-4000:]
-    (samples_file,) = output_path.glob("**/*_samples_tiny_vqa.jsonl")
-    samples = sorted((json.loads(line) for line in samples_file.read_text().splitlines()), key=lambda s: s["doc_id"])
-    assert [sample["filtered_resps"] for sample in samples] == reference["answers"]
+    expected = prepare_tasks(eval_python, checkpoint, tmp_path, ["vqa"], loaded["schedule"], env)["vqa"]
+    output_path = run_lmms_eval(eval_python, f"pretrained={checkpoint},budget={budget}", ["tiny_vqa"], tmp_path, env)
+    assert_answers_and_metric(output_path, "vqa", expected)

@@ -79,6 +79,25 @@ FAMILIES = {
 }
 
 
+def processor_and_stock_config(family: str, words: tuple[str, ...]):
+    """A word-level NeXT-style processor over `words` and the family's tiny stock config fitted to its vocabulary.
+
+    OneVision's own processor needs torchvision (for its video processor), which this CPU environment lacks; a NeXT
+    processor set up as OneVision counts (`full` features, no CLS) stands in: on these small grids (at most 4 crops,
+    so no `anyres_max_9` shrinking) both give the same placeholder counts.
+    """
+    from adsc_llava.testing import build_next_processor, build_word_tokenizer
+
+    processor = build_next_processor(build_word_tokenizer(words), CROP, 4, PINPOINTS)
+    if family == "onevision":
+        processor.vision_feature_select_strategy, processor.num_additional_image_tokens = "full", 0
+    config = FAMILIES[family][0]()
+    config.text_config.vocab_size = len(processor.tokenizer)
+    config.image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    config.text_config.pad_token_id = processor.tokenizer.pad_token_id
+    return processor, config
+
+
 def models(family: str, attn: str = "eager", **schedule):
     """A random ADSC model of the family and its stock twin with the very same weights."""
     stock_config_fn, adsc_config_class, adsc_class, stock_class = FAMILIES[family]
@@ -326,28 +345,17 @@ def test_convert_takes_stock_checkpoints_of_both_key_layouts(family, layout, tmp
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fine_tunes_with_lora_and_the_curriculum(family, tmp_path):
-    """A few LoRA steps with images of different sizes (different crop counts in one batch).
-
-    OneVision's own processor needs torchvision (for its video processor), which this CPU environment lacks; a
-    NeXT processor set up as OneVision counts (`full` features, no CLS) stands in: on these small grids (at most 4
-    crops, so no `anyres_max_9` shrinking) both give the same placeholder counts, which the training run checks.
-    """
+    """A few LoRA steps with images of different sizes (different crop counts in one batch); for OneVision with the
+    stand-in processor of `processor_and_stock_config`, whose placeholder counts the training run checks."""
     from PIL import Image
     from safetensors.torch import load_file
 
-    from adsc_llava.testing import build_next_processor, build_word_tokenizer
     from adsc_llava.train.args import AdscTrainConfig
     from adsc_llava.train.trainer import run_training
 
     words = ("what", "color", "is", "the", "shape", "?", "red", "blue", "green")
-    processor = build_next_processor(build_word_tokenizer(words), CROP, 4, PINPOINTS)
-    if family == "onevision":
-        processor.vision_feature_select_strategy, processor.num_additional_image_tokens = "full", 0
-    stock_config_fn, adsc_config_class, adsc_class, stock_class = FAMILIES[family]
-    config = stock_config_fn()
-    config.text_config.vocab_size = len(processor.tokenizer)
-    config.image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
-    config.text_config.pad_token_id = processor.tokenizer.pad_token_id
+    processor, config = processor_and_stock_config(family, words)
+    _, adsc_config_class, adsc_class, stock_class = FAMILIES[family]
     torch.manual_seed(0)
     base = tmp_path / "base"
     stock_class(config).save_pretrained(base)
@@ -380,6 +388,7 @@ def test_fine_tunes_with_lora_and_the_curriculum(family, tmp_path):
             gradient_checkpointing=False,
             save_steps=1000,
             disable_tqdm=True,
+            dataloader_num_workers=0,
         )
     )
     trained = adsc_class.from_pretrained(final)

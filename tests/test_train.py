@@ -1,7 +1,7 @@
 """End-to-end tests of `adsc-llava train` on a tiny random LLaVA and a tiny drawn data set (CPU).
 
 One module-scoped run (6 steps, reverse curriculum, a checkpoint every 3 steps) is shared by most tests: it goes
-through `run_training` with `build_trainer` / `save_final_model` wrapped so that the test sees the trainer, the
+through `run_training` with `build_trainer` / `save_trained_weights` wrapped so that the test sees the trainer, the
 parameters before and after training, the sequence length every decoder layer receives in each training step, and
 what the in-memory PEFT model generates before it is merged. The other runs (resume, interrupted save, CLI with a
 mocked hub, adapter) are a few steps each.
@@ -29,9 +29,10 @@ from transformers.trainer_utils import get_last_checkpoint
 import adsc_llava.train.trainer as trainer_module
 from adsc_llava import AdscLlavaConfig, AdscLlavaForConditionalGeneration
 from adsc_llava.configuration_adsc_llava import vision_tokens_per_layer
-from adsc_llava.convert import CorruptCheckpointError
+from adsc_llava.convert import CorruptCheckpointError, convert_checkpoint
 from adsc_llava.cost import format_schedule
 from adsc_llava.testing import PROMPT_WORDS, SPECIAL_TOKENS, build_tiny_processor, tiny_llava_config_for
+from adsc_llava.train import data as data_module
 from adsc_llava.train.args import AdscTrainConfig
 from adsc_llava.train.cli import main
 from adsc_llava.train.curriculum import phase_at
@@ -153,12 +154,13 @@ def train_config(workspace, output_dir: Path, **overrides) -> AdscTrainConfig:
         save_steps=SAVE_STEPS,
         logging_steps=1,
         disable_tqdm=True,
+        dataloader_num_workers=0,
     )
     return AdscTrainConfig(**{**options, **overrides})
 
 
 class RunRecorder:
-    """Wraps `build_trainer` / `save_final_model` of `train.trainer` to observe a `run_training` call.
+    """Wraps `build_trainer` / `save_trained_weights` of `train.trainer` to observe a `run_training` call.
 
     `lengths[step][layer]` is the set of sequence lengths decoder layer `layer` received during optimizer step
     `step` (0-based; one value expected, seen in the forward and again in the checkpointed recomputation).
@@ -171,18 +173,18 @@ class RunRecorder:
         self.trainer = None
 
     def install(self, monkeypatch) -> None:
-        build_trainer, save_final_model = trainer_module.build_trainer, trainer_module.save_final_model
+        build_trainer, save_trained_weights = trainer_module.build_trainer, trainer_module.save_trained_weights
 
         def recording_build_trainer(config, callbacks=None):
-            trainer, adsc_model, phases = build_trainer(config, callbacks)
-            self.trainer, self.adsc_model, self.phases = trainer, adsc_model, phases
+            trainer, adsc_model = build_trainer(config, callbacks)
+            self.trainer, self.adsc_model = trainer, adsc_model
             self.before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
             self.trainable = {name for name, p in trainer.model.named_parameters() if p.requires_grad}
             for index, layer in enumerate(adsc_model.model.language_model.layers):
                 layer.register_forward_pre_hook(self._length_hook(index), with_kwargs=True)
-            return trainer, adsc_model, phases
+            return trainer, adsc_model
 
-        def recording_save_final_model(config, trainer, adsc_model, phases, final_dir):
+        def recording_save_trained_weights(config, trainer, adsc_model):
             self.after = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
             parameter_names = {id(p): name for name, p in trainer.model.named_parameters()}
             groups = trainer.optimizer.param_groups
@@ -193,10 +195,15 @@ class RunRecorder:
             self.drop_ratio_at_end = adsc_model.config.adsc_drop_ratio
             if self.generate_inputs is not None:
                 self._generate_unmerged(trainer.model)
-            return save_final_model(config, trainer, adsc_model, phases, final_dir)
+            return save_trained_weights(config, trainer, adsc_model)
 
         monkeypatch.setattr(trainer_module, "build_trainer", recording_build_trainer)
-        monkeypatch.setattr(trainer_module, "save_final_model", recording_save_final_model)
+        monkeypatch.setattr(trainer_module, "save_trained_weights", recording_save_trained_weights)
+
+    @property
+    def phases(self) -> list:
+        """The curriculum's phases, as built when training started."""
+        return self.trainer.curriculum.phases
 
     def _length_hook(self, layer_index: int):
         def hook(module, args, kwargs):
@@ -336,6 +343,17 @@ def test_budget_seen_in_forward_follows_the_reverse_curriculum(run):
     assert seen[0] == seen[1] != seen[2] == seen[3] != seen[4] == seen[5]
 
 
+def test_every_training_log_carries_the_curriculum_phase_for_the_trackers(run):
+    """What the integrations (tensorboard, wandb) receive in `on_log` is what `log_history` keeps."""
+    phases = run.recorder.phases
+    entries = [entry for entry in run.recorder.trainer.state.log_history if "loss" in entry]
+    assert [entry["step"] for entry in entries] == list(range(1, MAX_STEPS + 1))
+    for entry in entries:
+        phase = phase_at(phases, entry["step"] - 1)  # the step that was just trained
+        assert entry["adsc/phase"] == phases.index(phase) + 1
+        assert entry["adsc/budget"] == phase.budget and entry["adsc/drop_ratio"] == phase.drop_ratio
+
+
 def test_final_checkpoint_has_the_target_schedule(run):
     final_phase = run.recorder.phases[-1]
     assert run.recorder.drop_ratio_at_end == final_phase.drop_ratio
@@ -386,7 +404,7 @@ def test_assistant_only_loss_false_supervises_the_prompts_too(workspace, tmp_pat
     image_token_id = workspace.processor.image_token_id
     for assistant_only, expect_prompts_supervised in ((True, False), (False, True)):
         config = train_config(workspace, tmp_path / str(assistant_only), assistant_only_loss=assistant_only)
-        trainer, _, _ = trainer_module.build_trainer(config)
+        trainer, _ = trainer_module.build_trainer(config)
         sample = trainer.train_dataset[0]
         image = sample["input_ids"] == image_token_id
         after_image = torch.nn.functional.pad(image[:-1], (1, 0)) & ~image  # predicted from the image's last token
@@ -592,7 +610,7 @@ def test_cli_run_prints_the_plan_and_pushes_the_final_folder(run, workspace, tmp
     uploads = []
 
     def create_repo(self, repo_id, **kwargs):
-        uploads.append(("create_repo", repo_id))
+        uploads.append(("create_repo", repo_id, kwargs.get("private")))
         return SimpleNamespace(repo_id=repo_id)
 
     def upload_folder(self, *, folder_path, repo_id, **kwargs):
@@ -612,6 +630,7 @@ def test_cli_run_prints_the_plan_and_pushes_the_final_folder(run, workspace, tmp
         "--budget", str(BUDGET), "--max-steps", "3", "--per-device-train-batch-size", "4", "--lora-r", str(LORA_R),
         "--lora-alpha", str(2 * LORA_R), "--save-steps", "100", "--disable-tqdm", "--push-to-hub",
         "--hub-model-id", "me/tiny-adsc", "--base-model-id", "llava-hf/llava-1.5-7b-hf",
+        "--dataloader-num-workers", "0",
     ])
     # fmt: on
     card = (output_dir / "final" / "README.md").read_text()
@@ -623,7 +642,7 @@ def test_cli_run_prints_the_plan_and_pushes_the_final_folder(run, workspace, tmp
         assert re.search(rf"phase {number}: steps {number - 1}-{number - 1}\s+{factor:g}x -> budget", printed)
     assert str(output_dir / "final") in printed and "trust_remote_code=True" in printed
 
-    assert uploads[0] == ("create_repo", "me/tiny-adsc")
+    assert uploads[0] == ("create_repo", "me/tiny-adsc", True)  # private unless --hub-private-repo false
     (_, repo_id, folder, files) = uploads[-1]
     assert repo_id == "me/tiny-adsc" and folder in (None, output_dir / "final")
     assert {"config.json", "model.safetensors", "README.md", "tokenizer.json", *SHIPPED_FILES} <= set(files)
@@ -658,3 +677,132 @@ def test_save_adapter_keeps_the_adapter(workspace, tmp_path):
     base = AdscLlavaForConditionalGeneration.from_pretrained(workspace.base, config=config)
     model = PeftModel.from_pretrained(base, final_dir)
     assert sum("lora_A" in name for name, _ in model.named_parameters()) == 4 * 7
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Options as real runs use them: TrainingArguments, evaluation, the step count, data conventions, ADSC sources
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_trainer_options_pass_through_the_command_line(monkeypatch):
+    seen = []
+    monkeypatch.setattr("adsc_llava.train.cli.run_training", seen.append)
+    # fmt: off
+    main([
+        "--model", "m", "--data", "d.json", "--output-dir", "out", "--ddp-timeout", "7200", "--max-grad-norm", "0.3",
+        "--run-name", "adsc-192", "--report-to", "tensorboard", "wandb", "--optim", "adamw_torch", "--eval-data",
+        "held_out.json", "--deepspeed", "zero3", "--hub-private-repo", "false", "--gradient-checkpointing", "false",
+    ])
+    # fmt: on
+    args = seen[0].trainer_arguments()
+    assert (args.ddp_timeout, args.max_grad_norm, args.run_name, args.optim) == (7200, 0.3, "adsc-192", "adamw_torch")
+    assert args.report_to == ["tensorboard", "wandb"]
+    assert args.eval_strategy == "steps" and args.eval_steps == args.save_steps  # --eval-data evaluates
+    assert Path(args.deepspeed) == PROJECT_ROOT / "train" / "zero3.json"  # the shipped config, by name
+    assert args.activation_checkpointing is False and seen[0].hub_private_repo is False
+    assert args.push_to_hub is False  # the Trainer never pushes checkpoints; --push-to-hub uploads the final model
+
+
+def test_defaults_follow_llavas_lora_recipe():
+    config = AdscTrainConfig(model="m", data="d.json", output_dir="out")
+    args = config.trainer_arguments()
+    assert (args.learning_rate, args.per_device_train_batch_size, args.lr_scheduler_type) == (2e-4, 16, "cosine")
+    assert args.warmup_steps == 0.03 and args.dataloader_num_workers == 4
+    assert args.activation_checkpointing and args.activation_checkpointing_kwargs == {"use_reentrant": False}
+    assert config.group_by_modality_length is None  # on for mixed data (`AdscTrainer._get_train_sampler`)
+    assert config.truncate_long_samples and config.hub_private_repo and args.report_to == []
+
+
+def test_the_curriculum_is_built_for_the_trainers_own_step_count(workspace, tmp_path):
+    """With `--dataloader-drop-last` an epoch of 4 records in batches of 3 is one step, not the 2 a re-derivation from
+    the data set size would count: the phases still cover exactly the steps the Trainer runs, one each."""
+    recorder = RunRecorder()
+    config = train_config(workspace, tmp_path / "out", max_steps=-1, num_train_epochs=3, per_device_train_batch_size=3,
+                          dataloader_drop_last=True, save_steps=100)  # fmt: skip
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        recorder.install(monkeypatch)
+        final_dir = run_training(config)
+    assert recorder.trainer.state.max_steps == recorder.trainer.state.global_step == 3
+    assert [(phase.first_step, phase.end_step) for phase in recorder.phases] == [(0, 1), (1, 2), (2, 3)]
+    drop_ratios = [entry["adsc/drop_ratio"] for entry in per_step_log(recorder.trainer.state.log_history)]
+    assert drop_ratios == [phase.drop_ratio for phase in recorder.phases]
+    assert AdscLlavaConfig.from_pretrained(final_dir).average_vision_tokens() == BUDGET
+
+
+def test_a_held_out_split_is_evaluated_during_training(workspace, tmp_path):
+    recorder = RunRecorder()
+    config = train_config(workspace, tmp_path / "out", max_steps=4, eval_data=str(workspace.data), eval_steps=2,
+                          save_steps=100, curriculum="direct")  # fmt: skip
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        recorder.install(monkeypatch)
+        run_training(config)
+    evaluations = [entry for entry in recorder.trainer.state.log_history if "eval_loss" in entry]
+    assert [entry["step"] for entry in evaluations] == [2, 4]
+    losses = [entry["eval_loss"] for entry in evaluations]
+    assert all(math.isfinite(loss) for loss in losses) and losses[1] < losses[0]  # the training data itself
+    assert (tmp_path / "out" / "eval-data-scan.json").is_file()
+
+
+def test_the_attention_implementation_is_an_option(workspace, tmp_path):
+    trainer, adsc_model = trainer_module.build_trainer(
+        train_config(workspace, tmp_path / "out", attn_implementation="eager", scan_data=False)
+    )
+    assert adsc_model.config._attn_implementation == "eager"
+    assert trainer_module.default_attn_implementation() == "sdpa"  # no CUDA here: flash-attn is never picked
+
+
+LLAVA_STYLE_RECORDS = [
+    {  # opens with an answer, as some ShareGPT records do: LLaVA drops that turn
+        "id": "leading_answer",
+        "image": "images/red_square.png",
+        "conversations": [
+            {"from": "gpt", "value": "hello"},
+            {"from": "human", "value": "<image>\nwhat color is the shape ?"},
+            {"from": "gpt", "value": "red"},
+        ],
+    },
+    {  # longer than --max-length 40: truncated, as LLaVA truncates
+        "id": "overlong",
+        "image": "images/blue_circle.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\nwhat shape is it ?"},
+            {"from": "gpt", "value": " ".join(["a blue circle"] * 10)},
+        ],
+    },
+    {"id": "missing", "image": "images/nowhere.png", "conversations": RECORDS[0]["conversations"]},
+]
+
+
+def test_llava_data_conventions_and_a_visible_count_of_skipped_records(workspace, tmp_path, capsys):
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(LLAVA_STYLE_RECORDS + RECORDS[:1]))
+    config = train_config(workspace, tmp_path / "out", data=str(data), image_folder=str(workspace.data.parent),
+                          max_length=40, on_bad_record="skip", max_steps=1, curriculum="direct")  # fmt: skip
+    run_training(config)
+    printed = capsys.readouterr().out
+    assert "checked 4, kept 3, skipped 1 (missing_image: 1 e.g. ['missing'])" in printed
+    trainer, _ = trainer_module.build_trainer(config)  # the scan is reused from the output folder
+    assert "reused" in trainer.data_notes[0]
+    samples = {sample["id"]: sample for sample in (trainer.train_dataset[i] for i in range(3))}
+    assert len(samples["overlong"]["input_ids"]) == 40
+    expected = trainer.train_dataset.encoder.encode(
+        data_module.record_to_conversation(
+            {**LLAVA_STYLE_RECORDS[0], "conversations": RECORDS[0]["conversations"]}, 0
+        ),
+        Image.open(workspace.data.parent / "images" / "red_square.png").convert("RGB"),
+    )
+    assert torch.equal(samples["leading_answer"]["input_ids"], expected["input_ids"])
+    assert torch.equal(samples["leading_answer"]["labels"], expected["labels"])
+
+
+def test_an_adsc_checkpoint_keeps_its_schedule_and_keep_policy_without_a_budget(workspace, tmp_path):
+    source = tmp_path / "adsc"
+    convert_checkpoint(workspace.base, source, budget=10, pruning_layers=[1, 3])
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "adsc_keep_policy": "pyramiddrop"}))
+    final_dir = run_training(
+        train_config(workspace, tmp_path / "out", model=str(source), budget=None, max_steps=1, save_steps=100)
+    )
+    trained = AdscLlavaConfig.from_pretrained(final_dir)
+    assert trained.schedule == {**AdscLlavaConfig.from_pretrained(source).schedule, "adsc_keep_policy": "pyramiddrop"}
+    assert trained.adsc_pruning_layers == [1, 3] and trained.adsc_drop_ratio > 0

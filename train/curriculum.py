@@ -88,22 +88,59 @@ def phase_at(phases: list[CurriculumPhase], step: int) -> CurriculumPhase:
 
 
 class CurriculumCallback(TrainerCallback):
-    """Sets the model's drop ratio from the global step before every optimizer step (and at a resumed start)."""
+    """Runs a curriculum on the model's config: its phases are built when training starts, for the Trainer's own
+    step count (`state.max_steps`), and the drop ratio is set from the global step before every optimizer step (and
+    at a resumed start).
 
-    def __init__(self, config: AdscLlavaConfig, phases: list[CurriculumPhase]):
+    Args:
+        config: the model's config, whose `adsc_drop_ratio` is moved.
+        target_budget, factors, phase_fractions: as `build_curriculum` takes them.
+        print_plan: print the phases (`describe_curriculum`) on the main process when training starts.
+    """
+
+    def __init__(
+        self,
+        config: AdscLlavaConfig,
+        target_budget: float,
+        factors: tuple[float, ...] = CURRICULUM_FACTORS["reverse"],
+        phase_fractions: tuple[float, ...] | None = None,
+        print_plan: bool = False,
+    ):
         self.config = config
-        self.phases = phases
+        self.target_budget = target_budget
+        self.factors = factors
+        self.phase_fractions = phase_fractions
+        self.print_plan = print_plan
+        self.phases: list[CurriculumPhase] = []
+        self.current: CurriculumPhase | None = None
 
     def apply(self, step: int) -> CurriculumPhase:
-        phase = phase_at(self.phases, step)
-        self.config.adsc_drop_ratio = phase.drop_ratio
-        return phase
+        self.current = phase_at(self.phases, step)
+        self.config.adsc_drop_ratio = self.current.drop_ratio
+        return self.current
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self.phases = build_curriculum(
+            self.config, self.target_budget, state.max_steps, self.factors, self.phase_fractions
+        )
+        if self.print_plan and state.is_world_process_zero:
+            print(f"Curriculum over {state.max_steps} steps to budget {self.target_budget:g}:", flush=True)
+            print(describe_curriculum(self.config, self.phases), flush=True)
         self.apply(state.global_step)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.apply(state.global_step)
+
+    def log_values(self) -> dict[str, float]:
+        """The phase the last step trained in, as metrics: `adsc/phase` (1-based), `adsc/budget`, `adsc/drop_ratio`."""
+        if self.current is None:
+            return {}
+        phase = self.current
+        return {
+            "adsc/phase": self.phases.index(phase) + 1,
+            "adsc/budget": phase.budget,
+            "adsc/drop_ratio": phase.drop_ratio,
+        }
 
 
 def describe_curriculum(config: AdscLlavaConfig, phases: list[CurriculumPhase]) -> str:

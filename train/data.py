@@ -26,37 +26,29 @@ answer with `</s>`), it is appended to each answer before rendering, so it is su
 Whitespace the template leaves after the last answer is dropped, as LLaVA's prompts end with the final `</s>`.
 
 The pieces: `record_to_conversation` validates a record, `ConversationEncoder` turns a conversation and its image
-into tensors, `fit_to_length` enforces `max_length`, and `LlavaInstructDataset` indexes the records, skips bad ones
-and scans them. Bad records (missing or unreadable image, no conversations, malformed roles, too long, ...) either
-raise `BadRecordError` naming the record and the problem (`on_bad_record="error"`) or are skipped and counted
+into tensors, and `fit_to_length` enforces `max_length`. `adsc_llava.train.dataset.LlavaInstructDataset` indexes
+the records, skips bad ones and scans them; `collator` batches them and `sampler` orders them as LLaVA does. Bad
+records (missing or unreadable image, no conversations, malformed roles, too long, ...) either raise
+`BadRecordError` naming the record and the problem (`on_bad_record="error"`) or are skipped and counted
 (`on_bad_record="skip"`). `LlavaInstructDataset.scan()` checks every record up front so problems surface before
 training starts rather than hours in.
 """
 
 import json
-import logging
-import math
 import os
 import re
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from PIL import Image
-from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm.auto import tqdm
 from transformers import ProcessorMixin
 
-logger = logging.getLogger(__name__)
-
 IGNORE_INDEX = -100
-DEFAULT_MAX_LENGTH = 2048
 DEFAULT_IMAGE_TOKEN = "<image>"
-MAX_LISTED_ERRORS = 20  # bad records quoted in full by a failing `scan()`
 
 BadRecordPolicy = Literal["error", "skip"]
 BAD_RECORD_POLICIES = ("error", "skip")
@@ -186,6 +178,10 @@ def _check_turns(record_id: str, turns: Any) -> list[tuple[str, str]]:
     """(role, text) pairs of a record's `conversations`, alternating user/assistant and ending with an answer."""
     if not isinstance(turns, list) or not turns:
         raise BadRecordError(record_id, NO_CONVERSATIONS, "`conversations` is missing or empty")
+    if isinstance(turns[0], Mapping) and ROLE_NAMES.get(turns[0].get("from")) == "assistant":
+        turns = turns[1:]  # LLaVA's `preprocess` drops a leading answer (some ShareGPT records open with one)
+        if not turns:
+            raise BadRecordError(record_id, NO_CONVERSATIONS, "`conversations` holds only an answer")
     checked: list[tuple[str, str]] = []
     for position, turn in enumerate(turns):
         if not isinstance(turn, Mapping) or not isinstance(turn.get("value"), str):
@@ -479,14 +475,21 @@ class ConversationEncoder:
         return length
 
     def image_tokens_for_size(self, width: int, height: int) -> int:
-        """Placeholder tokens an image of this size expands to (measured once per size on a blank image)."""
+        """Placeholder tokens an image of this size expands to, by the processor's own count (the one vLLM uses)
+        where it has one, else measured on a blank image; once per size either way."""
         size = (width, height)
         if size not in self._image_tokens_by_size:
-            encoding = self.processor(
-                images=[Image.new("RGB", size)], text=[self.image_token], add_special_tokens=False
-            )
-            self._image_tokens_by_size[size] = sum(token == self.image_token_id for token in encoding["input_ids"][0])
+            if hasattr(self.processor, "_get_num_multimodal_tokens"):
+                counts = self.processor._get_num_multimodal_tokens(image_sizes=[(height, width)])
+                self._image_tokens_by_size[size] = counts.num_image_tokens[0]
+            else:
+                self._image_tokens_by_size[size] = self.measured_image_tokens(width, height)
         return self._image_tokens_by_size[size]
+
+    def measured_image_tokens(self, width: int, height: int) -> int:
+        """Placeholder tokens the processor writes for a blank image of this size (runs the image processor)."""
+        encoding = self.processor(images=[Image.new("RGB", (width, height))], text=[self.image_token])
+        return sum(token == self.image_token_id for token in encoding["input_ids"][0])
 
     def encode(self, conversation: Conversation, image: Image.Image | None) -> dict[str, torch.Tensor]:
         """`input_ids` and `labels` `[seq_len]`, plus the processor's image tensors when `image` is given.
@@ -581,411 +584,3 @@ class ConversationEncoder:
         spans = _shift_spans(rendered.assistant_spans, encoding["text_replacement_offsets"][0])
         answers = tokens_in_spans(encoding["offset_mapping"][0], spans)
         return encoding["input_ids"][0], answers, image_tensors(encoding)
-
-
-def _word_count(record: Any) -> int:
-    """Whitespace-separated words of all turns of a raw record (0 when it has none)."""
-    if not isinstance(record, Mapping) or not isinstance(record.get("conversations"), list):
-        return 0
-    return sum(
-        len(turn["value"].split())
-        for turn in record["conversations"]
-        if isinstance(turn, Mapping) and isinstance(turn.get("value"), str)
-    )
-
-
-class LlavaInstructDataset(Dataset):
-    """Map-style dataset of LLaVA instruction records, encoded lazily with the checkpoint's processor.
-
-    Each item is `{"input_ids": LongTensor[seq_len], "labels": LongTensor[seq_len], "pixel_values":
-    FloatTensor[1, 3, H, W] (image records only), "id": str}`; batch items with `LlavaDataCollator`.
-
-    Args:
-        records: Raw records (see module docstring).
-        processor: A LLaVA processor with a chat template (`LlavaProcessor` of the checkpoint being trained).
-        image_folder: Folder the records' `image` paths are relative to (None: paths are used as given).
-        max_length: Longest sample in tokens, image placeholders included (LLaVA-1.5: 2048).
-        on_bad_record: "error" raises `BadRecordError`; "skip" logs, counts (`self.stats`) and uses the next
-            good record instead.
-        truncate_long_samples: Cut too-long samples to `max_length` instead of rejecting them, as LLaVA does,
-            but only when the cut splits no image and leaves at least one supervised token.
-        assistant_only_loss: Supervise the assistant answers only (LLaVA). False: every text token (prompts too,
-            never image placeholders nor the token after one), the next-token loss of pretraining (from scratch).
-    """
-
-    def __init__(
-        self,
-        records: Sequence[Any],
-        processor: ProcessorMixin,
-        image_folder: str | os.PathLike | None = None,
-        *,
-        max_length: int = DEFAULT_MAX_LENGTH,
-        on_bad_record: BadRecordPolicy = "error",
-        truncate_long_samples: bool = False,
-        assistant_only_loss: bool = True,
-    ):
-        if on_bad_record not in BAD_RECORD_POLICIES:
-            raise ValueError(f"on_bad_record must be one of {BAD_RECORD_POLICIES}, got {on_bad_record!r}")
-        if max_length <= 0:
-            raise ValueError(f"max_length must be positive, got {max_length}")
-        self.encoder = ConversationEncoder(processor, assistant_only_loss=assistant_only_loss)
-        self.records = records
-        self.processor = processor
-        self.image_folder = Path(image_folder) if image_folder is not None else None
-        self.max_length = max_length
-        self.on_bad_record = on_bad_record
-        self.truncate_long_samples = truncate_long_samples
-        self.stats = DataStats()
-        # Positions in `records` that this dataset serves; `scan()` removes bad ones under the "skip" policy.
-        self.indices: list[int] = list(range(len(records)))
-
-    @classmethod
-    def from_json(
-        cls,
-        path: str | os.PathLike,
-        processor: ProcessorMixin,
-        image_folder: str | os.PathLike | None = None,
-        **kwargs: Any,
-    ) -> "LlavaInstructDataset":
-        """Dataset over a LLaVA JSON (or JSON-lines) file; `kwargs` go to the constructor."""
-        return cls(load_records(path), processor, image_folder, **kwargs)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        """Encoded sample `index`; under the "skip" policy a bad record is replaced by the next good one."""
-        if not -len(self.indices) <= index < len(self.indices):
-            raise IndexError(f"index {index} out of range for a data set of {len(self.indices)} samples")
-        index %= len(self.indices)
-        for attempt in range(len(self.indices)):
-            record_index = self.indices[(index + attempt) % len(self.indices)]
-            try:
-                return self.encode(record_index)
-            except BadRecordError as error:
-                if self.on_bad_record == "error":
-                    raise
-                self.stats.add_skipped(error)
-                logger.warning("Skipping %s", error)
-        raise RuntimeError(f"No usable record in the data set ({self.stats.summary()})")
-
-    def image_path(self, image: str) -> Path:
-        return self.image_folder / image if self.image_folder is not None else Path(image)
-
-    def conversation(self, record_index: int) -> Conversation:
-        """Validated chat-template messages of `records[record_index]` (raises `BadRecordError`)."""
-        # The records mark images with LLaVA's `<image>` whatever the processor's own placeholder (Qwen's differs).
-        return record_to_conversation(self.records[record_index], record_index)
-
-    def encode(self, record_index: int) -> dict[str, Any]:
-        """Full encoding of `records[record_index]` (image decoded and processed); raises `BadRecordError`."""
-        conversation = self.conversation(record_index)
-        image = None
-        if conversation.image is not None:
-            image = load_image(self.image_path(conversation.image), conversation.record_id)
-        encoded = self.encoder.encode(conversation, image)
-        encoded["input_ids"], encoded["labels"] = fit_to_length(
-            conversation.record_id,
-            encoded["input_ids"],
-            encoded["labels"],
-            self.max_length,
-            truncate=self.truncate_long_samples,
-            image_token_id=self.encoder.image_token_id,
-        )
-        return {"id": conversation.record_id, **encoded}
-
-    def check(self, record_index: int, decode_images: bool = False) -> None:
-        """Validate `records[record_index]` without producing tensors (raises `BadRecordError`).
-
-        Checks structure, chat rendering, the image file header and the token length (image placeholders counted
-        without decoding pixels). `decode_images=True` runs the full `encode` instead, which also catches truncated
-        or corrupt image data, at the cost of decoding every image.
-        """
-        if decode_images:
-            self.encode(record_index)
-            return
-        conversation = self.conversation(record_index)
-        image_size = None
-        if conversation.image is not None:
-            image_size = check_image_file(self.image_path(conversation.image), conversation.record_id)
-        if self.encoder.count_tokens(conversation, image_size) > self.max_length:
-            # Rare: whether truncation is allowed depends on exact positions, so encode for real.
-            self.encode(record_index)
-
-    def scan(self, *, decode_images: bool = False, num_workers: int = 0, show_progress: bool = True) -> DataStats:
-        """Check every record up front (in `num_workers` processes); returns, and stores in `self.stats`, the counts.
-
-        Under "skip" the bad records are removed from the dataset (so `len(self)` and `modality_lengths()` cover only
-        good ones); under "error" a `DataValidationError` lists the problems found, after checking all records.
-        """
-        stats, errors, good = self._check_all(decode_images, num_workers, show_progress)
-        self.stats = stats
-        if errors and self.on_bad_record == "error":
-            listed = "\n".join(f"  - {error}" for error in errors)
-            more = f"\n  ... and {stats.num_skipped - len(errors)} more" if stats.num_skipped > len(errors) else ""
-            raise DataValidationError(
-                f"{stats.num_skipped} bad data record(s) ({stats.summary()}):\n{listed}{more}\n"
-                'Fix them or pass on_bad_record="skip" to skip them.'
-            )
-        if not good:
-            raise DataValidationError(f"No usable record in the data set ({stats.summary()})")
-        if errors:
-            logger.warning("Data scan: %s", stats.summary())
-        self.indices = good
-        return stats
-
-    def _check_all(
-        self, decode_images: bool, num_workers: int, show_progress: bool
-    ) -> tuple[DataStats, list[BadRecordError], list[int]]:
-        """Counts, the first `MAX_LISTED_ERRORS` problems and the good record indices, over `self.indices`."""
-        stats = DataStats()
-        errors: list[BadRecordError] = []
-        good: list[int] = []
-        checks = DataLoader(
-            _RecordChecks(self, decode_images), batch_size=64, num_workers=num_workers, collate_fn=list
-        )
-        with tqdm(total=len(self.indices), desc="Checking data", disable=not show_progress, unit="record") as bar:
-            for outcomes in checks:
-                for record_index, problem in outcomes:
-                    if problem is None:
-                        stats.add_kept()
-                        good.append(record_index)
-                        continue
-                    error = BadRecordError(*problem)
-                    stats.add_skipped(error)
-                    if len(errors) < MAX_LISTED_ERRORS:
-                        errors.append(error)
-                bar.update(len(outcomes))
-        return stats, errors, good
-
-    def modality_lengths(self) -> list[int]:
-        """LLaVA's lengths for `group_by_modality_length`: word count of the conversation, negative if text-only.
-
-        Word counts (not tokens) as in LLaVA, so this is cheap on 665K records; never 0 (the sampler needs a sign).
-        """
-        lengths = []
-        for record_index in self.indices:
-            record = self.records[record_index]
-            words = max(_word_count(record), 1)
-            has_image = isinstance(record, Mapping) and record.get("image") is not None
-            lengths.append(words if has_image else -words)
-        return lengths
-
-
-class _RecordChecks(Dataset):
-    """`LlavaInstructDataset.check` as a dataset, so a DataLoader can spread `scan()` over worker processes.
-
-    Items are `(record_index, None)` or `(record_index, (record_id, reason, detail))`: plain tuples, because
-    exceptions with custom constructors do not survive the trip back from a worker.
-    """
-
-    def __init__(self, dataset: LlavaInstructDataset, decode_images: bool):
-        self.dataset = dataset
-        self.decode_images = decode_images
-
-    def __len__(self) -> int:
-        return len(self.dataset.indices)
-
-    def __getitem__(self, position: int) -> tuple[int, tuple[str, str, str] | None]:
-        record_index = self.dataset.indices[position]
-        try:
-            self.dataset.check(record_index, decode_images=self.decode_images)
-        except BadRecordError as error:
-            return record_index, (error.record_id, error.reason, error.detail)
-        return record_index, None
-
-
-@dataclass
-class LlavaDataCollator:
-    """Pads `LlavaInstructDataset` items into a batch for `LlavaForConditionalGeneration.forward`.
-
-    Returns `input_ids` `[batch, seq_len]` (padded with `pad_token_id`), `attention_mask` `[batch, seq_len]`,
-    `labels` `[batch, seq_len]` (padded with `label_pad_token_id`) and, when any item has an image,
-    `pixel_values` `[num_images, 3, H, W]`: the images of the batch in order of appearance, which is the order in
-    which LLaVA fills the image placeholder tokens. Text-only items contribute no image; a batch without images has
-    no `pixel_values` key.
-    """
-
-    pad_token_id: int
-    label_pad_token_id: int = IGNORE_INDEX
-    padding_side: Literal["right", "left"] = "right"
-    pad_to_multiple_of: int | None = None
-
-    @classmethod
-    def from_processor(cls, processor: ProcessorMixin, **kwargs: Any) -> "LlavaDataCollator":
-        pad_token_id = processor.tokenizer.pad_token_id
-        if pad_token_id is None:
-            raise ValueError("The tokenizer has no pad token; set one (llava-hf checkpoints use `<pad>`).")
-        return cls(pad_token_id=pad_token_id, **kwargs)
-
-    def __post_init__(self):
-        if self.padding_side not in ("right", "left"):
-            raise ValueError(f"padding_side must be 'right' or 'left', got {self.padding_side!r}")
-
-    def _padded_length(self, features: list[Mapping[str, Any]]) -> int:
-        length = max(len(feature["input_ids"]) for feature in features)
-        if self.pad_to_multiple_of:
-            length = math.ceil(length / self.pad_to_multiple_of) * self.pad_to_multiple_of
-        return length
-
-    def _pad(self, sequences: list[torch.Tensor], length: int, value: int) -> torch.Tensor:
-        batch = torch.full((len(sequences), length), value, dtype=torch.long)
-        for row, sequence in enumerate(sequences):
-            if self.padding_side == "right":
-                batch[row, : len(sequence)] = sequence
-            else:
-                batch[row, length - len(sequence) :] = sequence
-        return batch
-
-    def __call__(self, features: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        if not features:
-            raise ValueError("Cannot collate an empty batch")
-        input_ids = [torch.as_tensor(feature["input_ids"], dtype=torch.long) for feature in features]
-        labels = [torch.as_tensor(feature["labels"], dtype=torch.long) for feature in features]
-        for row, (ids, row_labels) in enumerate(zip(input_ids, labels, strict=True)):
-            if ids.shape != row_labels.shape or ids.dim() != 1:
-                raise ValueError(
-                    f"Item {row}: input_ids {tuple(ids.shape)} and labels {tuple(row_labels.shape)} must be equal 1-D"
-                )
-        length = self._padded_length(features)
-        batch = {
-            "input_ids": self._pad(input_ids, length, self.pad_token_id),
-            "attention_mask": self._pad([torch.ones_like(ids) for ids in input_ids], length, 0),
-            "labels": self._pad(labels, length, self.label_pad_token_id),
-        }
-        pixel_values = [feature["pixel_values"] for feature in features if feature.get("pixel_values") is not None]
-        if not pixel_values:
-            return batch
-        pixel_values = [torch.as_tensor(pixels) for pixels in pixel_values]
-        if any(feature.get("image_sizes") is not None for feature in features):
-            # NeXT / OneVision: `[1, crops, 3, H, W]` per image, crops by image size: zero-pad to the most crops, as
-            # their image processors pad a batch; the model reads each image's crop count from `image_sizes`.
-            most = max(pixels.shape[1] for pixels in pixel_values)
-            pixel_values = [
-                nn.functional.pad(pixels, (0, 0, 0, 0, 0, 0, 0, most - pixels.shape[1])) for pixels in pixel_values
-            ]
-        # Qwen-VL: `pixel_values` are `[patches, patch_dim]` per image, concatenated; each image's grid says how many.
-        for key in PER_IMAGE_KEYS:
-            if any(feature.get(key) is not None for feature in features):
-                batch[key] = torch.cat([torch.as_tensor(f[key]) for f in features if f.get(key) is not None])
-        shapes = {tuple(pixels.shape[1:]) for pixels in pixel_values}
-        if len(shapes) != 1:
-            raise ValueError(f"All images of a batch must have the same processed shape, got {sorted(shapes)}")
-        batch["pixel_values"] = torch.cat(pixel_values, dim=0)
-        return batch
-
-
-def split_to_even_chunks(indices: list[int], lengths: Sequence[int], num_chunks: int) -> list[list[int]]:
-    """Split `indices` into `num_chunks` chunks of equal size and roughly equal total length (LLaVA's rule)."""
-    if len(indices) % num_chunks != 0:
-        return [indices[i::num_chunks] for i in range(num_chunks)]
-    per_chunk = len(indices) // num_chunks
-    chunks: list[list[int]] = [[] for _ in range(num_chunks)]
-    chunk_lengths = [0.0] * num_chunks
-    for index in indices:
-        shortest = chunk_lengths.index(min(chunk_lengths))
-        chunks[shortest].append(index)
-        chunk_lengths[shortest] += lengths[index]
-        if len(chunks[shortest]) == per_chunk:
-            chunk_lengths[shortest] = float("inf")
-    return chunks
-
-
-def get_length_grouped_indices(
-    lengths: Sequence[int], batch_size: int, world_size: int, generator: torch.Generator | None = None
-) -> list[int]:
-    """Random permutation where each megabatch (`world_size * batch_size`) is sorted longest first and split evenly."""
-    indices = torch.randperm(len(lengths), generator=generator).tolist()
-    megabatch_size = world_size * batch_size
-    megabatches = [indices[i : i + megabatch_size] for i in range(0, len(lengths), megabatch_size)]
-    megabatches = [sorted(megabatch, key=lambda i: lengths[i], reverse=True) for megabatch in megabatches]
-    chunked = [split_to_even_chunks(megabatch, lengths, world_size) for megabatch in megabatches]
-    return [i for megabatch in chunked for chunk in megabatch for i in chunk]
-
-
-def get_modality_length_grouped_indices(
-    lengths: Sequence[int], batch_size: int, world_size: int, generator: torch.Generator | None = None
-) -> list[int]:
-    """LLaVA's `group_by_modality_length` order: every megabatch is all-image or all-text (except one mixed tail).
-
-    `lengths` are `modality_lengths()` (positive: image, negative: text-only). Unlike LLaVA, the generator is used
-    for every random draw (LLaVA passes None to the inner shuffles), so the order is reproducible from a seed, and a
-    single-modality data set falls back to plain length grouping instead of failing an assertion.
-    """
-    if any(length == 0 for length in lengths):
-        raise ValueError("Modality lengths must be non-zero (the sign carries the modality)")
-    mm = [(i, length) for i, length in enumerate(lengths) if length > 0]
-    lang = [(i, -length) for i, length in enumerate(lengths) if length < 0]
-    if not mm or not lang:
-        return get_length_grouped_indices([abs(length) for length in lengths], batch_size, world_size, generator)
-
-    def grouped(pairs: list[tuple[int, int]]) -> list[int]:
-        order = get_length_grouped_indices([length for _, length in pairs], batch_size, world_size, generator)
-        return [pairs[i][0] for i in order]
-
-    megabatch_size = world_size * batch_size
-    mm_shuffle, lang_shuffle = grouped(mm), grouped(lang)
-    mm_megabatches = [mm_shuffle[i : i + megabatch_size] for i in range(0, len(mm_shuffle), megabatch_size)]
-    lang_megabatches = [lang_shuffle[i : i + megabatch_size] for i in range(0, len(lang_shuffle), megabatch_size)]
-    additional_batch = mm_megabatches[-1] + lang_megabatches[-1]
-    megabatches = mm_megabatches[:-1] + lang_megabatches[:-1]
-    megabatches = [megabatches[i] for i in torch.randperm(len(megabatches), generator=generator).tolist()]
-    if len(additional_batch) >= megabatch_size:
-        megabatches = [additional_batch[:megabatch_size]] + megabatches
-        additional_batch = additional_batch[megabatch_size:]
-    if additional_batch:
-        megabatches.append(additional_batch)
-    return [i for megabatch in megabatches for i in megabatch]
-
-
-class ModalityLengthGroupedSampler(Sampler[int]):
-    """LLaVA's `LengthGroupedSampler(group_by_modality=True)`, seeded and epoch-aware for exact resumption.
-
-    For a HF `Trainer`, return `ModalityLengthGroupedSampler.from_training_args(dataset.modality_lengths(), args)`
-    from `_get_train_sampler`: like LLaVA it uses `batch_size=args.train_batch_size` and `world_size=args.world_size
-    * args.gradient_accumulation_steps` (one megabatch = one optimizer step). The order depends only on `seed` and
-    the epoch (`set_epoch`, which accelerate calls), so a resumed run replays the same order and skips what it saw.
-    """
-
-    def __init__(
-        self,
-        lengths: Sequence[int],
-        batch_size: int,
-        world_size: int = 1,
-        seed: int = 0,
-        group_by_modality: bool = True,
-    ):
-        if batch_size <= 0 or world_size <= 0:
-            raise ValueError(f"batch_size ({batch_size}) and world_size ({world_size}) must be positive")
-        self.lengths = list(lengths)
-        self.batch_size = batch_size
-        self.world_size = world_size
-        self.seed = seed
-        self.group_by_modality = group_by_modality
-        self.epoch = 0
-
-    @classmethod
-    def from_training_args(cls, lengths: Sequence[int], args: Any) -> "ModalityLengthGroupedSampler":
-        """The sampler LLaVA's trainer builds from `TrainingArguments` (`args.data_seed` if set, else `args.seed`)."""
-        seed = args.data_seed if getattr(args, "data_seed", None) is not None else args.seed
-        return cls(
-            lengths,
-            batch_size=args.train_batch_size,
-            world_size=args.world_size * args.gradient_accumulation_steps,
-            seed=seed,
-        )
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        if self.group_by_modality:
-            order = get_modality_length_grouped_indices(self.lengths, self.batch_size, self.world_size, generator)
-        else:
-            lengths = [abs(length) for length in self.lengths]
-            order = get_length_grouped_indices(lengths, self.batch_size, self.world_size, generator)
-        return iter(order)

@@ -1,15 +1,20 @@
 """`adsc-llava demo`: the paper's experiment in miniature, end to end on a CPU, with nothing downloaded.
 
-1. A synthetic visual question answering set (coloured shapes on a grid, `synthetic`) in LLaVA-665K format.
+1. A synthetic visual question answering set (coloured shapes on a grid, `synthetic`) in LLaVA-665K format, with
+   questions about a named cell, counting, existence and relations between shapes.
 2. A tiny LLaVA (CLIP tower + Llama, offline word-level tokenizer) trained from scratch on full tokens with
    `adsc-llava train --tune full`: the stand-in for pretrained LLaVA-1.5. Cached, so reruns skip it.
 3. Table I in miniature: at budgets of about 1/3, 2/9 and 1/9 of the vision tokens, the full model, training-free
-   ADSC (same schedule, no fine-tuning) and ADSC + LoRA with the reverse curriculum (`adsc-llava train`), with the
-   FLOPs and KV-cache ratios of the cost model.
+   ADSC (same schedule, no fine-tuning), FastV and PyramidDrop (keep policies of the same model) and ADSC + LoRA with
+   the reverse curriculum (`adsc-llava train`), with the FLOPs and KV-cache ratios of the cost model, accuracy per
+   question category.
 4. Table III in miniature at the middle budget: direct vs standard vs reverse curriculum, same steps.
-5. The best ADSC model, saved as a remote-code checkpoint, answers a question about a newly drawn image through
+5. Both tables on several seeds (each its own test split and fine-tuning runs; by default on one base model, with
+   `--base-per-seed` each seed trains its own): every cell a mean with its min-max, and which differences exceed it.
+6. The best ADSC model, saved as a remote-code checkpoint, answers a question about a newly drawn image through
    `pipeline("image-text-to-text", trust_remote_code=True)` in a fresh process.
-6. Markdown tables and a PNG plot (accuracy vs vision tokens per method) in the output folder.
+7. Markdown tables, a PNG plot (accuracy vs vision tokens per method, one panel per category) and where the time
+   went (wall and CPU seconds per phase, the machine's load) in the output folder.
 
 Everything here calls the project's public pieces; nothing re-implements them.
 """
@@ -17,8 +22,7 @@ Everything here calls the project's public pieces; nothing re-implements them.
 import argparse
 import json
 import shutil
-import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -29,9 +33,19 @@ from adsc_llava.cli import prog
 from adsc_llava.configuration_adsc_llava import policy_pruning_layers, reachable_budget_range
 from adsc_llava.shapes_demo import synthetic
 from adsc_llava.shapes_demo.evaluate import Result, answer_new_image, evaluate_row
-from adsc_llava.shapes_demo.recipe import BUDGET_FRACTIONS, FULL, QUESTION_TYPES, QUICK, DemoRecipe, recipe_key
-from adsc_llava.shapes_demo.report import markdown_tables, plot
+from adsc_llava.shapes_demo.recipe import (
+    BUDGET_FRACTIONS,
+    FULL,
+    QUESTION_TYPES,
+    QUICK,
+    QUICK_SEEDS,
+    SEEDS,
+    DemoRecipe,
+    recipe_key,
+)
+from adsc_llava.shapes_demo.report import aggregate, markdown_tables, plot
 from adsc_llava.shapes_demo.threads import DropToOneThreadWhenBusy, choose_threads
+from adsc_llava.shapes_demo.timing import PhaseClock, timing_table
 from adsc_llava.testing import (
     build_processor,
     build_word_tokenizer,
@@ -47,33 +61,44 @@ MAX_BASE_THREADS = 2
 TRAINING_FREE = {"uniform": "ADSC, training-free", "fastv": "FastV", "pyramiddrop": "PyramidDrop"}
 
 
-def make_data(folder: Path, recipe: DemoRecipe, show_progress: bool) -> tuple[Path, Path]:
-    """Training and held-out test splits in LLaVA-665K JSON (test: one question per image)."""
-    if not (folder / "test.json").exists():
-        common = dict(
-            image_size=recipe.image_size,
-            min_shapes=recipe.min_shapes,
-            max_shapes=recipe.max_shapes,
-            question_types=QUESTION_TYPES,
-            progress=show_progress,
-        )
+def make_train_data(folder: Path, recipe: DemoRecipe, show_progress: bool) -> Path:
+    """The base model's training split in LLaVA-665K JSON (`recipe.questions_per_image` questions per image)."""
+    if not (folder / "train.json").exists():
         synthetic.write_split(
             folder,
             "train",
             recipe.num_train_images,
             recipe.seed,
             questions_per_image=recipe.questions_per_image,
-            **common,
+            **_scene_options(recipe),
+            progress=show_progress,
         )
+    return folder / "train.json"
+
+
+def make_test_data(folder: Path, recipe: DemoRecipe, seed: int) -> Path:
+    """Seed `seed`'s held-out test split: one question per image, its own random stream (`split_seed`)."""
+    split = f"test-seed{seed}"
+    if not (folder / f"{split}.json").exists():
         synthetic.write_split(
             folder,
-            "test",
+            split,
             recipe.num_test_images,
-            recipe.seed,
+            seed,
             questions_per_image=1,
-            **common,
+            **_scene_options(recipe),
+            progress=False,
         )
-    return folder / "train.json", folder / "test.json"
+    return folder / f"{split}.json"
+
+
+def _scene_options(recipe: DemoRecipe) -> dict:
+    return dict(
+        image_size=recipe.image_size,
+        min_shapes=recipe.min_shapes,
+        max_shapes=recipe.max_shapes,
+        question_types=QUESTION_TYPES,
+    )
 
 
 def build_base_checkpoint(folder: Path, recipe: DemoRecipe) -> Path:
@@ -207,61 +232,128 @@ def load(path: Path) -> AdscLlavaForConditionalGeneration:
     return AdscLlavaForConditionalGeneration.from_pretrained(path)
 
 
-def run_experiment(
-    output_dir: Path, cache_dir: Path, recipe: DemoRecipe, base_threads: int | None = None
-) -> tuple[list[Result], list[Result]]:
-    """Tables I and III in miniature; every trained model stays in `output_dir`."""
-    key = recipe_key(recipe)
-    cache = cache_dir / key
-    train_json, test_json = make_data(cache / "data", recipe, show_progress=True)
-    base_dir = train_base_model(cache, recipe, train_json, base_threads)
+@dataclass
+class SeedRun:
+    """Tables I and III on one seed: its test split and fine-tuning runs, on `base_dir`."""
+
+    seed: int
+    base_dir: Path
+    table_one: list[Result]
+    table_three: list[Result]
+
+
+def run_seed(
+    seed: int,
+    base_dir: Path,
+    train_json: Path,
+    test_json: Path,
+    output_dir: Path,
+    recipe: DemoRecipe,
+    clock: PhaseClock,
+) -> SeedRun:
+    """Tables I and III in miniature for one seed; every fine-tuned model stays in `output_dir`."""
+    tuning = replace(recipe, seed=seed)
     processor = AutoProcessor.from_pretrained(base_dir, trust_remote_code=True)
     num_tokens = AdscLlavaConfig.from_pretrained(base_dir).image_seq_length
     budgets = [round(fraction * num_tokens, 1) for fraction in BUDGET_FRACTIONS]
 
-    print("\nTable I in miniature (test split accuracy)", flush=True)
+    def tuned_row(budget: float, curriculum: str) -> Result:
+        with clock.phase("LoRA training"):
+            tuned_dir = fine_tune(
+                base_dir, train_json, output_dir / f"adsc-{budget:g}-{curriculum}", tuning, budget, curriculum
+            )
+        with clock.phase("LoRA rows"):
+            method = f"ADSC + LoRA ({curriculum})"
+            return evaluate_row(method, load(tuned_dir), processor, test_json, budget, seed, curriculum, tuned_dir)
+
+    print(f"\nSeed {seed}: Table I in miniature (test split {test_json.name})", flush=True)
     base = load(base_dir)
-    full = evaluate_row("full model", base, processor, test_json, None, model_dir=base_dir)
-    table_one = [full]
+    with clock.phase("training-free rows"):
+        table_one = [evaluate_row("full model", base, processor, test_json, None, seed, model_dir=base_dir)]
     adsc_layers = policy_pruning_layers("uniform", base.config.text_config.num_hidden_layers)
     for budget in budgets:
-        for policy in TRAINING_FREE:
-            layers = baseline_layers_for(policy, base.config, budget, adsc_layers)
-            base.config.update(base.config.with_budget(budget, layers).schedule | {"adsc_keep_policy": policy})
-            table_one.append(evaluate_row(TRAINING_FREE[policy], base, processor, test_json, budget))
-        base.config.update({"adsc_keep_policy": "uniform"})
-        tuned_dir = fine_tune(base_dir, train_json, output_dir / f"adsc-{budget:g}-reverse", recipe, budget, "reverse")
-        table_one.append(
-            evaluate_row("ADSC + LoRA (reverse)", load(tuned_dir), processor, test_json, budget, "reverse", tuned_dir)
-        )
+        with clock.phase("training-free rows"):
+            for policy in TRAINING_FREE:
+                layers = baseline_layers_for(policy, base.config, budget, adsc_layers)
+                base.config.update(base.config.with_budget(budget, layers).schedule | {"adsc_keep_policy": policy})
+                table_one.append(evaluate_row(TRAINING_FREE[policy], base, processor, test_json, budget, seed))
+            base.config.update({"adsc_keep_policy": "uniform"})
+        table_one.append(tuned_row(budget, "reverse"))
 
     middle = budgets[1]
-    print(f"\nTable III in miniature (budget {middle:g})", flush=True)
-    table_three = [row for row in table_one if row.budget == middle and row.curriculum == "reverse"]
-    for curriculum in ("direct", "standard"):
-        tuned_dir = fine_tune(
-            base_dir, train_json, output_dir / f"adsc-{middle:g}-{curriculum}", recipe, middle, curriculum
-        )
-        table_three.insert(
-            0, evaluate_row(f"ADSC + LoRA ({curriculum})", load(tuned_dir), processor, test_json, middle, curriculum)
-        )
-    return [full, *table_one[1:]], table_three
+    print(f"\nSeed {seed}: Table III in miniature (budget {middle:g})", flush=True)
+    reverse = next(row for row in table_one if row.budget == middle and row.curriculum == "reverse")
+    table_three = [tuned_row(middle, "direct"), tuned_row(middle, "standard"), reverse]
+    return SeedRun(seed, base_dir, table_one, table_three)
+
+
+def run_experiment(
+    output_dir: Path,
+    cache_dir: Path,
+    recipe: DemoRecipe,
+    seeds: list[int],
+    base_per_seed: bool = False,
+    base_threads: int | None = None,
+    clock: PhaseClock | None = None,
+) -> list[SeedRun]:
+    """Tables I and III on every seed: on the base model of `recipe.seed`, or with `base_per_seed` on one base model
+    per seed (its own training data, initialisation and order). Data and base models are cached in `cache_dir`."""
+    clock = clock or PhaseClock()
+    runs = []
+    for seed in seeds:
+        base_recipe = replace(recipe, seed=seed) if base_per_seed else recipe
+        cache = cache_dir / recipe_key(base_recipe)
+        with clock.phase("data"):
+            train_json = make_train_data(cache / "data", base_recipe, show_progress=True)
+            test_json = make_test_data(cache / "data", base_recipe, seed)
+        with clock.phase("base model"):
+            base_dir = train_base_model(cache, base_recipe, train_json, base_threads)
+        run = run_seed(seed, base_dir, train_json, test_json, output_dir / f"seed{seed}", recipe, clock)
+        # Each seed's rows as soon as they exist: a long run that stops later still shows what it measured.
+        (output_dir / f"seed{seed}" / "results.json").write_text(json.dumps(seed_record(run), indent=1))
+        runs.append(run)
+    return runs
+
+
+def seed_record(run: SeedRun) -> dict:
+    return {
+        "seed": run.seed,
+        "base_model": str(run.base_dir),
+        "base_threads": base_threads_used(run.base_dir),
+        "table_one": [asdict(row) for row in run.table_one],
+        "table_three": [asdict(row) for row in run.table_three],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog=prog("demo"),
         description=__doc__.split("\n\n")[0].split(": ", 1)[1],
-        epilog="examples:\n  adsc-llava demo                 # the full run\n  adsc-llava demo --quick         "
-        "# the smoke version CI runs\n  adsc-llava demo --seed 1 --threads 1 --output-dir runs/seed1",
+        epilog="examples:\n  adsc-llava demo                 # the full run (3 seeds on one base model)\n"
+        "  adsc-llava demo --quick         # the smoke version CI runs\n"
+        "  adsc-llava demo --base-per-seed # one base model per seed: the spread of the whole experiment\n"
+        "  adsc-llava demo --seeds 1 --threads 1 --output-dir runs/seed1",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--output-dir", type=Path, default=Path("runs/demo"), help="Tables, plot and models.")
     parser.add_argument(
-        "--cache-dir", type=Path, default=Path(".cache/adsc-demo"), help="Data and base model, reused by reruns."
+        "--cache-dir", type=Path, default=Path(".cache/adsc-demo"), help="Data and base models, reused by reruns."
     )
-    parser.add_argument("--quick", action="store_true", help="A smoke version (tiny data, few steps).")
-    parser.add_argument("--seed", type=int, default=None, help="Seed of data, initialisation and order (default 0).")
+    parser.add_argument("--quick", action="store_true", help="A smoke version (tiny data, few steps, 2 seeds).")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help=f"Seeds of the test splits and fine-tuning runs (default {' '.join(map(str, SEEDS))}; --quick "
+        f"{' '.join(map(str, QUICK_SEEDS))}). The base model is the first seed's.",
+    )
+    parser.add_argument(
+        "--base-per-seed",
+        action="store_true",
+        help="Train a base model for every seed (its own data, initialisation and order) instead of sharing the first "
+        "seed's: the spread then covers the whole experiment, at the cost of one base training per seed.",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -272,38 +364,54 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}.")
+    seeds = args.seeds or list(QUICK_SEEDS if args.quick else SEEDS)
+    if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        parser.error(f"--seeds must be distinct non-negative integers, got {seeds}.")
     # Absolute paths: the new-image check runs in a fresh process whose working directory is the output folder.
     args.output_dir, args.cache_dir = args.output_dir.resolve(), args.cache_dir.resolve()
-    recipe = QUICK if args.quick else FULL
-    if args.seed is not None:
-        recipe = replace(recipe, seed=args.seed)
+    recipe = replace(QUICK if args.quick else FULL, seed=seeds[0])
     torch.set_num_threads(1)  # tiny models: a second thread costs more than it brings (and CI shares the cores)
-    started = time.time()
+    clock = PhaseClock()
     args.output_dir.mkdir(parents=True, exist_ok=True)
 
-    table_one, table_three = run_experiment(args.output_dir, args.cache_dir, recipe, args.threads)
-    tables = markdown_tables(table_one, table_three)
-    (args.output_dir / "results.md").write_text(tables)
-    threads_file = Path(table_one[0].model_dir) / "threads.json"
-    base_threads = json.loads(threads_file.read_text()) if threads_file.is_file() else None
+    runs = run_experiment(args.output_dir, args.cache_dir, recipe, seeds, args.base_per_seed, args.threads, clock)
+    table_one = aggregate([run.table_one for run in runs])
+    table_three = aggregate([run.table_three for run in runs])
+    tables = markdown_tables(table_one, table_three, runs[0].table_one[0].num_questions)
+    plot_path = plot(table_one, args.output_dir / "accuracy_vs_tokens.png")
+
+    tuned = [row for run in runs for row in run.table_one if row.model_dir and row.budget is not None]
+    best = max(tuned, key=lambda row: (row.accuracy, -row.vision_tokens))
+    with clock.phase("new image (pipeline, fresh process)"):
+        image_path, question, answer, right = answer_new_image(Path(best.model_dir), args.output_dir, recipe)
+    timing = clock.stop()
+    (args.output_dir / "results.md").write_text(tables + "\nWhere the time went\n\n" + timing_table(timing))
     (args.output_dir / "results.json").write_text(
         json.dumps(
             {
                 "recipe": asdict(recipe),
-                "base_threads": base_threads,
-                "table_one": [asdict(r) for r in table_one],
-                "table_three": [asdict(r) for r in table_three],
-            }
+                "seeds": seeds,
+                "base_per_seed": args.base_per_seed,
+                "table_one": [asdict(row) for row in table_one],
+                "table_three": [asdict(row) for row in table_three],
+                "runs": [seed_record(run) for run in runs],
+                "timing": timing,
+            },
+            indent=1,
         )
     )
-    plot_path = plot(table_one, args.output_dir / "accuracy_vs_tokens.png")
-
-    adsc_rows = [row for row in table_one if row.model_dir and row.budget is not None]
-    best = max(adsc_rows, key=lambda row: (row.accuracy, -row.vision_tokens))
-    image_path, question, answer, right = answer_new_image(Path(best.model_dir), args.output_dir, recipe)
     print("\n" + tables)
-    print(f"Best ADSC model: {best.model_dir} (budget {best.budget:g}, accuracy {best.accuracy:.1%})")
+    print(timing_table(timing))
+    print(
+        f"Best ADSC model: {best.model_dir} (seed {best.seed}, budget {best.budget:g}, accuracy {best.accuracy:.1%})"
+    )
     print(f"New image {image_path}: '{question}' -> '{answer}' ({'right' if right else 'wrong'})")
     print(f"Tables: {args.output_dir / 'results.md'}" + (f", plot: {plot_path}" if plot_path else ""))
-    print(f"Total time: {time.time() - started:.0f} s")
+    print(f"Total time: {timing['total_wall_s']:.0f} s wall, {timing['total_cpu_s']:.0f} s CPU")
     return 0
+
+
+def base_threads_used(base_dir: Path) -> dict | None:
+    """What `train_base_model` wrote about its threads, None for a base model cached before it did."""
+    threads_file = base_dir / "threads.json"
+    return json.loads(threads_file.read_text()) if threads_file.is_file() else None

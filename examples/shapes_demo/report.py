@@ -150,20 +150,21 @@ def plot(table_one: list[Row], path: Path) -> Path | None:
         print("matplotlib is not installed (pip install -e '.[plot]'): no plot written", flush=True)
         return None
     full, columns = table_one[0], _columns(table_one)
-    figure, panels = plt.subplots(1, len(columns), figsize=(3.4 * len(columns), 3.6), sharey=True)
+    figure, panels = plt.subplots(1, len(columns), figsize=(3.4 * len(columns), 4.0), sharey=True)
     for axes, column in zip(panels, columns, strict=True):
         spread = full.accuracy[column]
         axes.axhline(spread.mean, linestyle="--", color="gray", label=f"full model ({full.vision_tokens:.0f} tokens)")
         axes.axhspan(spread.low, spread.high, color="gray", alpha=0.15)
-        for method, marker in METHOD_MARKERS.items():
+        for index, (method, marker) in enumerate(METHOD_MARKERS.items()):
             rows = [row for row in table_one if row.method == method]
+            nudge = (index - (len(METHOD_MARKERS) - 1) / 2) * 0.6  # methods at one budget side by side, not stacked
             means = [row.accuracy[column].mean for row in rows]
             errors = [
                 [mean - row.accuracy[column].low for mean, row in zip(means, rows, strict=True)],
                 [row.accuracy[column].high - mean for mean, row in zip(means, rows, strict=True)],
             ]
             axes.errorbar(
-                [row.vision_tokens for row in rows],
+                [row.vision_tokens + nudge for row in rows],
                 means,
                 yerr=errors,
                 fmt=("-" if method.startswith("ADSC") else ":") + marker,
@@ -174,9 +175,10 @@ def plot(table_one: list[Row], path: Path) -> Path | None:
         axes.set_xlabel("avg vision tokens per LLM layer")
         axes.set_ylim(0, 1)
     panels[0].set_ylabel("test accuracy")
-    panels[0].legend(fontsize=7, loc="lower right")
-    figure.suptitle(f"ADSC in miniature: accuracy vs vision-token budget (mean, min-max over seeds {full.seeds})")
-    figure.tight_layout()
+    figure.legend(*panels[0].get_legend_handles_labels(), loc="lower center", ncol=len(METHOD_MARKERS) + 1)
+    seeds = ", ".join(map(str, full.seeds))
+    figure.suptitle(f"ADSC in miniature: accuracy vs vision-token budget (mean and min-max over seeds {seeds})")
+    figure.tight_layout(rect=(0, 0.08, 1, 1))
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path

@@ -34,7 +34,7 @@ def _demo(tmp_path: Path, *options: str) -> subprocess.CompletedProcess:
 
 
 def test_quick_demo_runs_end_to_end(tmp_path):
-    completed = _demo(tmp_path)
+    completed = _demo(tmp_path, "--processes", "2")
     assert completed.returncode == 0, completed.stderr[-3000:]
     out = tmp_path / "out"
     results = json.loads((out / "results.json").read_text())
@@ -84,11 +84,13 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     assert "Which differences exceed the spread" in report and "Where the time went" in report
     phases = results["timing"]["phases"]
     assert phases["LoRA training"]["runs"] == 2 * 5 and phases["base model"]["runs"] == 2
+    assert phases["training-free rows"]["runs"] == 2 and "fine-tuning and scoring, 2 process(es): elapsed" in phases
     assert all(phase["cpu_s"] > 0 and phase["wall_s"] > 0 for phase in phases.values())
     assert (out / "accuracy_vs_tokens.png").stat().st_size > 1000
     assert (out / "new_image.png").is_file() and "New image" in completed.stdout
-    # A rerun of seed 0 reuses the cached data and base model, fine-tunes again and reproduces seed 0's numbers.
-    rerun = _demo(tmp_path, "--seeds", "0")
+    # A rerun of seed 0 reuses the cached data and base model, fine-tunes again and reproduces seed 0's numbers, in
+    # this process where the first run used two worker processes.
+    rerun = _demo(tmp_path, "--seeds", "0", "--processes", "1")
     assert rerun.returncode == 0 and "Base model: reusing" in rerun.stdout
     assert json.loads((out / "results.json").read_text())["runs"] == results["runs"][:1]
 

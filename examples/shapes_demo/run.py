@@ -21,7 +21,11 @@ Everything here calls the project's public pieces; nothing re-implements them.
 
 import argparse
 import json
+import multiprocessing
+import os
 import shutil
+from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -242,49 +246,92 @@ class SeedRun:
     table_three: list[Result]
 
 
-def run_seed(
-    seed: int,
-    base_dir: Path,
-    train_json: Path,
-    test_json: Path,
-    output_dir: Path,
-    recipe: DemoRecipe,
-    clock: PhaseClock,
-) -> SeedRun:
-    """Tables I and III in miniature for one seed; every fine-tuned model stays in `output_dir`."""
-    tuning = replace(recipe, seed=seed)
-    processor = AutoProcessor.from_pretrained(base_dir, trust_remote_code=True)
+@dataclass(frozen=True)
+class SeedInputs:
+    """What one seed's rows are computed from, and the folder its fine-tuned models go to."""
+
+    seed: int
+    base_dir: Path
+    train_json: Path
+    test_json: Path
+    output_dir: Path
+
+
+def budgets_of(base_dir: Path) -> list[float]:
     num_tokens = AdscLlavaConfig.from_pretrained(base_dir).image_seq_length
-    budgets = [round(fraction * num_tokens, 1) for fraction in BUDGET_FRACTIONS]
+    return [round(fraction * num_tokens, 1) for fraction in BUDGET_FRACTIONS]
 
-    def tuned_row(budget: float, curriculum: str) -> Result:
-        with clock.phase("LoRA training"):
-            tuned_dir = fine_tune(
-                base_dir, train_json, output_dir / f"adsc-{budget:g}-{curriculum}", tuning, budget, curriculum
-            )
-        with clock.phase("LoRA rows"):
-            method = f"ADSC + LoRA ({curriculum})"
-            return evaluate_row(method, load(tuned_dir), processor, test_json, budget, seed, curriculum, tuned_dir)
 
-    print(f"\nSeed {seed}: Table I in miniature (test split {test_json.name})", flush=True)
-    base = load(base_dir)
+def training_free_rows(inputs: SeedInputs, clock: PhaseClock) -> list[Result]:
+    """The full model, then at each budget each training-free keep policy (`TRAINING_FREE`) on the base model."""
+    processor = AutoProcessor.from_pretrained(inputs.base_dir, trust_remote_code=True)
+    base = load(inputs.base_dir)
     with clock.phase("training-free rows"):
-        table_one = [evaluate_row("full model", base, processor, test_json, None, seed, model_dir=base_dir)]
-    adsc_layers = policy_pruning_layers("uniform", base.config.text_config.num_hidden_layers)
-    for budget in budgets:
-        with clock.phase("training-free rows"):
+        rows = [
+            evaluate_row("full model", base, processor, inputs.test_json, None, inputs.seed, None, inputs.base_dir)
+        ]
+        adsc_layers = policy_pruning_layers("uniform", base.config.text_config.num_hidden_layers)
+        for budget in budgets_of(inputs.base_dir):
             for policy in TRAINING_FREE:
                 layers = baseline_layers_for(policy, base.config, budget, adsc_layers)
                 base.config.update(base.config.with_budget(budget, layers).schedule | {"adsc_keep_policy": policy})
-                table_one.append(evaluate_row(TRAINING_FREE[policy], base, processor, test_json, budget, seed))
-            base.config.update({"adsc_keep_policy": "uniform"})
-        table_one.append(tuned_row(budget, "reverse"))
+                rows.append(
+                    evaluate_row(TRAINING_FREE[policy], base, processor, inputs.test_json, budget, inputs.seed)
+                )
+    return rows
 
-    middle = budgets[1]
-    print(f"\nSeed {seed}: Table III in miniature (budget {middle:g})", flush=True)
-    reverse = next(row for row in table_one if row.budget == middle and row.curriculum == "reverse")
-    table_three = [tuned_row(middle, "direct"), tuned_row(middle, "standard"), reverse]
-    return SeedRun(seed, base_dir, table_one, table_three)
+
+def tuned_row(inputs: SeedInputs, recipe: DemoRecipe, budget: float, curriculum: str, clock: PhaseClock) -> Result:
+    """ADSC + LoRA at `budget` with `curriculum`, fine-tuned on the seed's seed, scored on its test split."""
+    with clock.phase("LoRA training"):
+        tuned_dir = fine_tune(
+            inputs.base_dir,
+            inputs.train_json,
+            inputs.output_dir / f"adsc-{budget:g}-{curriculum}",
+            replace(recipe, seed=inputs.seed),
+            budget,
+            curriculum,
+        )
+    with clock.phase("LoRA rows"):
+        processor = AutoProcessor.from_pretrained(inputs.base_dir, trust_remote_code=True)
+        method = f"ADSC + LoRA ({curriculum})"
+        return evaluate_row(
+            method, load(tuned_dir), processor, inputs.test_json, budget, inputs.seed, curriculum, tuned_dir
+        )
+
+
+def run_job(
+    inputs: SeedInputs, recipe: DemoRecipe, budget: float | None, curriculum: str | None
+) -> tuple[list[Result], dict]:
+    """One unit of a seed's work, in this process or a worker: the training-free rows (`budget` None) or one
+    fine-tuned row. Returns the rows and the job's phase times."""
+    clock = PhaseClock(every=None)
+    if budget is None:
+        rows = training_free_rows(inputs, clock)
+    else:
+        rows = [tuned_row(inputs, recipe, budget, curriculum, clock)]
+    return rows, clock.stop()["phases"]
+
+
+def seed_jobs(inputs: SeedInputs) -> list[tuple[float | None, str | None]]:
+    """A seed's jobs as (budget, curriculum): the fine-tuning runs first (the longest), then the training-free rows."""
+    budgets = budgets_of(inputs.base_dir)
+    return [(budget, "reverse") for budget in budgets] + [
+        (budgets[1], "direct"),
+        (budgets[1], "standard"),
+        (None, None),
+    ]
+
+
+def assemble(inputs: SeedInputs, results: dict[tuple[float | None, str | None], list[Result]]) -> SeedRun:
+    """Tables I and III of one seed from its jobs' rows, in table order."""
+    full, *training_free = results[(None, None)]
+    budgets = budgets_of(inputs.base_dir)
+    table_one = [full]
+    for budget in budgets:
+        table_one += [row for row in training_free if row.budget == budget] + results[(budget, "reverse")]
+    table_three = [results[(budgets[1], curriculum)][0] for curriculum in ("direct", "standard", "reverse")]
+    return SeedRun(inputs.seed, inputs.base_dir, table_one, table_three)
 
 
 def run_experiment(
@@ -295,11 +342,18 @@ def run_experiment(
     base_per_seed: bool = False,
     base_threads: int | None = None,
     clock: PhaseClock | None = None,
+    processes: int | None = 1,
 ) -> list[SeedRun]:
     """Tables I and III on every seed: on the base model of `recipe.seed`, or with `base_per_seed` on one base model
-    per seed (its own training data, initialisation and order). Data and base models are cached in `cache_dir`."""
+    per seed (its own training data, initialisation and order). Data and base models are cached in `cache_dir`.
+
+    Base models train one after the other (on up to `MAX_BASE_THREADS` threads); then the seeds' fine-tuning and
+    scoring jobs, one thread each, run in `processes` worker processes (1: in this process; None: as many as the CPU's
+    other processes then leave cores idle). Every job is seeded and single-threaded, so the numbers do not depend on
+    `processes`.
+    """
     clock = clock or PhaseClock()
-    runs = []
+    seed_inputs = []
     for seed in seeds:
         base_recipe = replace(recipe, seed=seed) if base_per_seed else recipe
         cache = cache_dir / recipe_key(base_recipe)
@@ -308,11 +362,46 @@ def run_experiment(
             test_json = make_test_data(cache / "data", base_recipe, seed)
         with clock.phase("base model"):
             base_dir = train_base_model(cache, base_recipe, train_json, base_threads)
-        run = run_seed(seed, base_dir, train_json, test_json, output_dir / f"seed{seed}", recipe, clock)
-        # Each seed's rows as soon as they exist: a long run that stops later still shows what it measured.
-        (output_dir / f"seed{seed}" / "results.json").write_text(json.dumps(seed_record(run), indent=1))
-        runs.append(run)
+        seed_inputs.append(SeedInputs(seed, base_dir, train_json, test_json, output_dir / f"seed{seed}"))
+
+    num_jobs = sum(len(seed_jobs(inputs)) for inputs in seed_inputs)
+    # Chosen after the base models: the load now is what the jobs will share the CPU with.
+    processes = min(processes or choose_threads(os.cpu_count() or 1), num_jobs)
+    runs = []
+    with clock.phase(f"fine-tuning and scoring, {processes} process(es): elapsed"), ExitStack() as stack:
+        if processes > 1:
+            print(f"\nFine-tuning and scoring in {processes} processes of one thread each", flush=True)
+            pool = stack.enter_context(
+                ProcessPoolExecutor(processes, multiprocessing.get_context("spawn"), initializer=_init_worker)
+            )
+            submit = pool.submit
+        else:
+            submit = _run_now
+        futures = [{job: submit(run_job, inputs, recipe, *job) for job in seed_jobs(inputs)} for inputs in seed_inputs]
+        for inputs, seed_futures in zip(seed_inputs, futures, strict=True):
+            results = {}
+            for job, future in seed_futures.items():
+                results[job], phases = future.result()
+                clock.add(phases)
+            run = assemble(inputs, results)
+            # Each seed's rows as soon as they exist: a long run that stops later still shows what it measured.
+            (inputs.output_dir / "results.json").write_text(json.dumps(seed_record(run), indent=1))
+            runs.append(run)
     return runs
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)
+    # A spawned worker defaults to spawning too: each fine-tuning run's data loader process would import torch
+    # afresh (3x the CPU of a 3-step run). Fork it, as the main process does.
+    multiprocessing.set_start_method("fork", force=True)
+
+
+def _run_now(function, *args) -> Future:
+    """`Executor.submit` without an executor: runs `function` here, now."""
+    future = Future()
+    future.set_result(function(*args))
+    return future
 
 
 def seed_record(run: SeedRun) -> dict:
@@ -355,6 +444,13 @@ def main(argv: list[str] | None = None) -> int:
         "seed's: the spread then covers the whole experiment, at the cost of one base training per seed.",
     )
     parser.add_argument(
+        "--processes",
+        type=int,
+        default=None,
+        help="Worker processes (one thread each) for the fine-tuning and scoring jobs after the base models (default: "
+        "as many as the CPU's load leaves idle cores, 1 = in this process). The numbers do not depend on it.",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -362,8 +458,9 @@ def main(argv: list[str] | None = None) -> int:
         "dropping to 1 if other processes start competing). Give it to reproduce a run exactly.",
     )
     args = parser.parse_args(argv)
-    if args.threads is not None and args.threads < 1:
-        parser.error(f"--threads must be >= 1, got {args.threads}.")
+    for option in ("threads", "processes"):
+        if getattr(args, option) is not None and getattr(args, option) < 1:
+            parser.error(f"--{option} must be >= 1, got {getattr(args, option)}.")
     seeds = args.seeds or list(QUICK_SEEDS if args.quick else SEEDS)
     if len(set(seeds)) != len(seeds) or min(seeds) < 0:
         parser.error(f"--seeds must be distinct non-negative integers, got {seeds}.")
@@ -374,7 +471,9 @@ def main(argv: list[str] | None = None) -> int:
     clock = PhaseClock()
     args.output_dir.mkdir(parents=True, exist_ok=True)
 
-    runs = run_experiment(args.output_dir, args.cache_dir, recipe, seeds, args.base_per_seed, args.threads, clock)
+    runs = run_experiment(
+        args.output_dir, args.cache_dir, recipe, seeds, args.base_per_seed, args.threads, clock, args.processes
+    )
     table_one = aggregate([run.table_one for run in runs])
     table_three = aggregate([run.table_three for run in runs])
     tables = markdown_tables(table_one, table_three, runs[0].table_one[0].num_questions)

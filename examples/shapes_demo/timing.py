@@ -21,15 +21,17 @@ def cpu_seconds() -> float:
 
 class PhaseClock:
     """Wall and CPU seconds per named phase (summed over its repeats), and the 1-minute load average sampled every
-    `every` seconds in a background thread from creation until `stop()`."""
+    `every` seconds (None: not sampled) in a background thread from creation until `stop()`."""
 
-    def __init__(self, every: float = 15.0):
+    def __init__(self, every: float | None = 15.0):
         self.phases: dict[str, dict[str, float]] = {}
         self.started_wall, self.started_cpu = time.monotonic(), cpu_seconds()
         self.loads: list[float] = []
         self._stopped = threading.Event()
-        self._sampler = threading.Thread(target=self._sample_load, args=(every,), daemon=True)
-        self._sampler.start()
+        self._sampler = None
+        if every is not None:
+            self._sampler = threading.Thread(target=self._sample_load, args=(every,), daemon=True)
+            self._sampler.start()
 
     def _sample_load(self, every: float) -> None:
         while True:
@@ -44,15 +46,20 @@ class PhaseClock:
         try:
             yield
         finally:
+            self.add({name: {"runs": 1, "wall_s": time.monotonic() - wall, "cpu_s": cpu_seconds() - cpu}})
+
+    def add(self, phases: dict[str, dict[str, float]]) -> None:
+        """Add phases timed elsewhere (another clock's `phases`, e.g. a worker process's) to these."""
+        for name, timed in phases.items():
             entry = self.phases.setdefault(name, {"runs": 0, "wall_s": 0.0, "cpu_s": 0.0})
-            entry["runs"] += 1
-            entry["wall_s"] += time.monotonic() - wall
-            entry["cpu_s"] += cpu_seconds() - cpu
+            for key in entry:
+                entry[key] += timed[key]
 
     def stop(self) -> dict:
         """Stop sampling; the phases, the totals and the load (mean and max of the samples) as a JSON-able dict."""
         self._stopped.set()
-        self._sampler.join()
+        if self._sampler is not None:
+            self._sampler.join()
         return {
             "phases": self.phases,
             "total_wall_s": time.monotonic() - self.started_wall,

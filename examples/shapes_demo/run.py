@@ -177,6 +177,7 @@ def train_base_model(cache: Path, recipe: DemoRecipe, train_json: Path, threads:
         weight_decay=0.01,
         warmup_ratio=0.05,
         dataloader_num_workers=0,  # the cores compute; a loader process would compete with them
+        scan_data=False,  # the records come from the generator, whose tests check them (the scan re-reads 40,000)
     )
     previous_threads = torch.get_num_threads()
     guard = DropToOneThreadWhenBusy() if threads is None else None
@@ -214,7 +215,7 @@ def fine_tune(base: Path, train_json: Path, out: Path, recipe: DemoRecipe, budge
             lora_r=recipe.lora_rank,
             lora_alpha=2 * recipe.lora_rank,
             lora_dropout=0.0,
-            scan_data=False,  # the base model's run already checked every record
+            scan_data=False,  # generated records, checked by the generator's tests
             logging_steps=max(recipe.lora_steps // 6, 1),
         )
     )

@@ -11,6 +11,7 @@
 4. Table III in miniature at the middle budget: direct vs standard vs reverse curriculum, same steps.
 5. Both tables on several seeds (each its own test split and fine-tuning runs; by default on one base model, with
    `--base-per-seed` each seed trains its own): every cell a mean with its min-max, and which differences exceed it.
+   After the base models, the seeds' fine-tuning and scoring jobs run in worker processes of one thread each.
 6. The best ADSC model, saved as a remote-code checkpoint, answers a question about a newly drawn image through
    `pipeline("image-text-to-text", trust_remote_code=True)` in a fresh process.
 7. Markdown tables, a PNG plot (accuracy vs vision tokens per method, one panel per category) and where the time
@@ -415,7 +416,7 @@ def seed_record(run: SeedRun) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog("demo"),
         description=__doc__.split("\n\n")[0].split(": ", 1)[1],
@@ -458,6 +459,11 @@ def main(argv: list[str] | None = None) -> int:
         help="torch threads of the base model's training (default: as many as the CPU's load leaves idle, at most 2, "
         "dropping to 1 if other processes start competing). Give it to reproduce a run exactly.",
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     for option in ("threads", "processes"):
         if getattr(args, option) is not None and getattr(args, option) < 1:
@@ -486,20 +492,16 @@ def main(argv: list[str] | None = None) -> int:
         image_path, question, answer, right = answer_new_image(Path(best.model_dir), args.output_dir, recipe)
     timing = clock.stop()
     (args.output_dir / "results.md").write_text(tables + "\nWhere the time went\n\n" + timing_table(timing))
-    (args.output_dir / "results.json").write_text(
-        json.dumps(
-            {
-                "recipe": asdict(recipe),
-                "seeds": seeds,
-                "base_per_seed": args.base_per_seed,
-                "table_one": [asdict(row) for row in table_one],
-                "table_three": [asdict(row) for row in table_three],
-                "runs": [seed_record(run) for run in runs],
-                "timing": timing,
-            },
-            indent=1,
-        )
-    )
+    record = {
+        "recipe": asdict(recipe),
+        "seeds": seeds,
+        "base_per_seed": args.base_per_seed,
+        "table_one": [asdict(row) for row in table_one],
+        "table_three": [asdict(row) for row in table_three],
+        "runs": [seed_record(run) for run in runs],
+        "timing": timing,
+    }
+    (args.output_dir / "results.json").write_text(json.dumps(record, indent=1))
     print("\n" + tables)
     print(timing_table(timing))
     print(

@@ -354,6 +354,12 @@ def _ask(scene: synthetic.Scene, question_type: str, **arguments) -> str:
     return synthetic.answer(scene, synthetic.QuestionSpec(question_type, **arguments))
 
 
+def _is(scene: synthetic.Scene, first: tuple[str, str], relation: str, second: tuple[str, str]) -> str:
+    """The answer to "is the <first> <relation> the <second> ?" about `scene`."""
+    arguments = dict(color=first[0], shape=first[1], other_color=second[0], other_shape=second[1])
+    return _ask(scene, "is_relation", relation=relation, **arguments)
+
+
 def test_counting_answers_on_constructed_scenes():
     # red circle . blue square / . red triangle . / green circle . red square
     five = _scene(
@@ -414,70 +420,25 @@ def test_relations_on_a_constructed_scene_whatever_the_row():
         "what shape is right of the yellow triangle ?",
     ]
 
-    def is_(first: tuple[str, str], relation: str, second: tuple[str, str]) -> str:
-        return _ask(
-            scene,
-            "is_relation",
-            color=first[0],
-            shape=first[1],
-            relation=relation,
-            other_color=second[0],
-            other_shape=second[1],
-        )
-
     circle, triangle, square = ("blue", "circle"), ("yellow", "triangle"), ("green", "square")
-    assert is_(circle, "left of", square) == "yes" and is_(square, "left of", circle) == "no"
-    assert is_(triangle, "left of", square) == "yes" and is_(triangle, "right of", circle) == "yes"
-    assert is_(triangle, "above", circle) == "yes" and is_(circle, "above", triangle) == "no"
-    assert is_(triangle, "below", square) == "no" and is_(square, "below", circle) == "yes"
+    assert _is(scene, circle, "left of", square) == "yes" and _is(scene, square, "left of", circle) == "no"
+    assert _is(scene, triangle, "left of", square) == "yes" and _is(scene, triangle, "right of", circle) == "yes"
+    assert _is(scene, triangle, "above", circle) == "yes" and _is(scene, circle, "above", triangle) == "no"
+    assert _is(scene, triangle, "below", square) == "no" and _is(scene, square, "below", circle) == "yes"
     # All three shapes differ in row and in column: every ordered pair and relation is a fair question.
     assert len(synthetic.candidate_questions(scene, "is_relation")) == 6 * 4
 
 
 def test_comparisons_in_one_column_or_row_are_never_asked():
     scene = _scene(("red", "circle", 0), ("red", "square", 6), ("blue", "triangle", 7))  # circle above square
+    circle, square, triangle = ("red", "circle"), ("red", "square"), ("blue", "triangle")
     with pytest.raises(ValueError, match="share a column"):
-        _ask(
-            scene,
-            "is_relation",
-            color="red",
-            shape="circle",
-            relation="left of",
-            other_color="red",
-            other_shape="square",
-        )
+        _is(scene, circle, "left of", square)
     with pytest.raises(ValueError, match="share a row"):
-        _ask(
-            scene,
-            "is_relation",
-            color="red",
-            shape="square",
-            relation="below",
-            other_color="blue",
-            other_shape="triangle",
-        )
-    assert (
-        _ask(
-            scene,
-            "is_relation",
-            color="red",
-            shape="circle",
-            relation="above",
-            other_color="red",
-            other_shape="square",
-        )
-        == "yes"
-    )
+        _is(scene, square, "below", triangle)
+    assert _is(scene, circle, "above", square) == "yes"
     with pytest.raises(ValueError, match="no green circle"):
-        _ask(
-            scene,
-            "is_relation",
-            color="green",
-            shape="circle",
-            relation="above",
-            other_color="red",
-            other_shape="square",
-        )
+        _is(scene, ("green", "circle"), "above", square)
     asked = {spec.text for spec in synthetic.candidate_questions(scene, "is_relation")}
     assert "is the red circle left of the red square ?" not in asked
     assert "is the red circle above the red square ?" in asked

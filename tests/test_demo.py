@@ -122,6 +122,35 @@ def test_fine_tuning_never_reuses_a_model_left_by_an_earlier_run(tmp_path, monke
     assert out == stale and not stale.exists()  # trained afresh into an emptied folder
 
 
+def test_base_per_seed_trains_each_seed_its_own_base_model(tmp_path, monkeypatch):
+    from adsc_llava.shapes_demo import run as demo
+
+    trained = []
+
+    def fake_base(cache, recipe, train_json, threads=None):
+        trained.append((recipe.seed, cache, train_json))
+        return cache / "base" / "final"
+
+    def fake_assemble(inputs, results):
+        inputs.output_dir.mkdir(parents=True, exist_ok=True)
+        return demo.SeedRun(inputs.seed, inputs.base_dir, [], [])
+
+    monkeypatch.setattr(demo, "make_train_data", lambda folder, recipe, show_progress: folder / "train.json")
+    monkeypatch.setattr(demo, "make_test_data", lambda folder, recipe, seed: folder / f"test-seed{seed}.json")
+    monkeypatch.setattr(demo, "train_base_model", fake_base)
+    monkeypatch.setattr(demo, "seed_jobs", lambda inputs: [])
+    monkeypatch.setattr(demo, "assemble", fake_assemble)
+    shared = demo.run_experiment(tmp_path / "out", tmp_path / "cache", demo.QUICK, [0, 1, 2])
+    assert [seed for seed, _, _ in trained] == [0, 0, 0] and len({run.base_dir for run in shared}) == 1
+    trained.clear()
+    own = demo.run_experiment(tmp_path / "out", tmp_path / "cache", demo.QUICK, [0, 1, 2], base_per_seed=True)
+    # Each seed's own training data, initialisation and order: another recipe, so another cache folder.
+    assert [seed for seed, _, _ in trained] == [0, 1, 2]
+    assert len({cache for _, cache, _ in trained}) == 3 and len({data for _, _, data in trained}) == 3
+    assert [run.base_dir for run in own] == [cache / "base" / "final" for _, cache, _ in trained]
+    assert own[0].base_dir == shared[0].base_dir  # seed 0's base model is the one the shared runs use
+
+
 def test_base_training_uses_the_given_threads_and_restores_the_setting(tmp_path, monkeypatch):
     import torch
 

@@ -50,33 +50,61 @@ def _position_to_cell(position: str) -> tuple[int, int]:
     return row, column
 
 
+NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven"]
+SIDES = {"left of": (None, -1), "right of": (None, 1), "above": (-1, None), "below": (1, None)}
+
+
+def _on_side(cell: tuple[int, int], of: tuple[int, int], relation: str) -> bool:
+    """Whether `cell` is in a column further left than `of` ("left of"), whatever the row, and so on."""
+    row_sign, column_sign = SIDES[relation]
+    if row_sign is None:
+        return (cell[1] - of[1]) * column_sign > 0
+    return (cell[0] - of[0]) * row_sign > 0
+
+
 def _answer_from_grid(grid: dict[tuple[int, int], tuple[str, str]], question: str) -> str:
     """Answer a question's text from a pixel-read grid, independently of the generator's own `answer`."""
     if match := re.fullmatch(r"what color is the shape at the (.+) \?", question):
         return grid[_position_to_cell(match[1])][0]
     if match := re.fullmatch(r"what shape is at the (.+) \?", question):
         return grid[_position_to_cell(match[1])][1]
+    if question == "how many shapes are there ?":
+        return NUMBERS[len(grid)]
+    if match := re.fullmatch(r"how many (\w+) shapes are there \?", question):
+        return NUMBERS[[color for color, _ in grid.values()].count(match[1])]
+    if question == "which color appears most ?":
+        (color, count), *rest = Counter(color for color, _ in grid.values()).most_common()
+        assert not rest or rest[0][1] < count, f"{question!r}: a tie between the most frequent colours"
+        return color
     if match := re.fullmatch(r"is there a (\w+) (\w+) \?", question):
         return "yes" if (match[1], match[2]) in grid.values() else "no"
-    match = re.fullmatch(r"what shape is (left of|right of|above|below) the (\w+) (\w+) \?", question)
+    relations = "left of|right of|above|below"
+    if match := re.fullmatch(rf"is the (\w+) (\w+) ({relations}) the (\w+) (\w+) \?", question):
+        ((cell,),) = [[cell for cell, pair in grid.items() if pair == (match[1], match[2])]]
+        ((other,),) = [[cell for cell, pair in grid.items() if pair == (match[4], match[5])]]
+        opposite = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}[match[3]]
+        assert _on_side(cell, other, match[3]) or _on_side(cell, other, opposite), f"{question!r}: same column/row"
+        return "yes" if _on_side(cell, other, match[3]) else "no"
+    match = re.fullmatch(rf"what shape is ({relations}) the (\w+) (\w+) \?", question)
     assert match, f"unparsable question {question!r}"
-    ((row, column),) = [cell for cell, pair in grid.items() if pair == (match[2], match[3])]
-    steps = {"left of": (0, -1), "right of": (0, 1), "above": (-1, 0), "below": (1, 0)}[match[1]]
-    side = []
-    row, column = row + steps[0], column + steps[1]
-    while 0 <= row < 3 and 0 <= column < 3:
-        side += [grid[(row, column)][1]] if (row, column) in grid else []
-        row, column = row + steps[0], column + steps[1]
+    ((reference,),) = [[cell for cell, pair in grid.items() if pair == (match[2], match[3])]]
+    side = [kind for cell, (_, kind) in grid.items() if _on_side(cell, reference, match[1])]
     assert len(side) == 1, f"{question!r} has {len(side)} candidate answers"
     return side[0]
 
 
 def _question_type(question: str) -> str:
-    if question.startswith("what color"):
-        return "color_at"
-    if question.startswith("is there"):
-        return "exists"
-    return "shape_at" if question.startswith("what shape is at") else "relation"
+    prefixes = {
+        "what color": "color_at",
+        "what shape is at": "shape_at",
+        "how many shapes": "count",
+        "how many": "count_color",
+        "which color": "most_color",
+        "is there": "exists",
+        "what shape is": "relation",
+        "is the": "is_relation",
+    }
+    return next(question_type for prefix, question_type in prefixes.items() if question.startswith(prefix))
 
 
 def _question_answer_pairs(record: dict) -> list[tuple[str, str]]:
@@ -111,12 +139,14 @@ def test_same_seed_gives_identical_bytes(tmp_path):
 
 
 def test_answers_agree_with_the_drawn_pixels(tmp_path):
-    json_path = synthetic.write_split(tmp_path, "val", 300, seed=1, questions_per_image=2, progress=False)
+    json_path = synthetic.write_split(
+        tmp_path, "val", 400, seed=1, questions_per_image=3, max_shapes=6, progress=False
+    )
     records = json.loads(json_path.read_text())
     seen_types = Counter()
     for record in records:
         grid = _read_grid(Image.open(tmp_path / record["image"]))
-        assert 2 <= len(grid) <= 4
+        assert 2 <= len(grid) <= 6
         for question, expected in _question_answer_pairs(record):
             assert _answer_from_grid(grid, question) == expected, (record["id"], question)
             seen_types[_question_type(question)] += 1
@@ -165,18 +195,32 @@ def test_test_split_is_held_out(tmp_path):
 
 def test_yes_no_and_per_type_answers_are_balanced():
     answers_by_type = defaultdict(Counter)
-    for record in _sample_records(4000, seed=11):
+    for record in _sample_records(8000, seed=11):
         ((question, given),) = _question_answer_pairs(record)
         answers_by_type[_question_type(question)][given] += 1
     yes_no = answers_by_type["exists"]
     assert set(yes_no) == {"yes", "no"}
     assert abs(yes_no["yes"] / yes_no.total() - 0.5) < 0.04
-    expected = {"color_at": synthetic.COLORS, "shape_at": synthetic.SHAPES, "relation": synthetic.SHAPES}
-    expected["exists"] = synthetic.YES_NO
+    expected = {
+        "color_at": synthetic.COLORS,
+        "shape_at": synthetic.SHAPES,
+        "count": ["two", "three", "four"],
+        "count_color": ["zero", "one", "two", "three"],
+        "most_color": synthetic.COLORS,
+        "exists": synthetic.YES_NO,
+        "relation": synthetic.SHAPES,
+        "is_relation": synthetic.YES_NO,
+    }
     for question_type, counts in answers_by_type.items():
         assert set(counts) == set(expected[question_type])
         uniform = counts.total() / len(counts)
         assert all(abs(count - uniform) < 0.15 * uniform for count in counts.values()), (question_type, counts)
+    # Each category asks about a quarter of the questions, whatever its number of types.
+    per_category = Counter()
+    for question_type, counts in answers_by_type.items():
+        per_category[synthetic.category_of(question_type)] += counts.total()
+    assert set(per_category) == {"cell", "counting", "existence", "relation"}
+    assert all(abs(count / 8000 - 0.25) < 0.02 for count in per_category.values()), per_category
 
 
 def test_text_alone_does_not_predict_the_answer():
@@ -187,7 +231,16 @@ def test_text_alone_does_not_predict_the_answer():
             answers_per_question[question][given] += 1
     correct = total = 0
     chance = 0.0
-    num_answers = {"color_at": 4, "shape_at": 3, "relation": 3, "exists": 2}
+    num_answers = {
+        "color_at": 4,
+        "shape_at": 3,
+        "count": 3,
+        "count_color": 4,
+        "most_color": 4,
+        "exists": 2,
+        "relation": 3,
+        "is_relation": 2,
+    }
     for record in _sample_records(2000, seed=22):
         for question, given in _question_answer_pairs(record):
             guesses = answers_per_question.get(question)
@@ -211,7 +264,8 @@ def test_vocabulary_covers_exactly_the_words_used():
     assert len(vocabulary) == len(set(vocabulary))
     assert all(word == word.lower() and " " not in word for word in vocabulary)
     used = set()
-    for record in _sample_records(2000, seed=2, questions_per_image=2):
+    # Up to 7 shapes, so every count from zero to seven is asked.
+    for record in _sample_records(2000, seed=2, questions_per_image=2, max_shapes=7):
         for question, given in _question_answer_pairs(record):
             used.update(question.split())
             used.add(given)
@@ -254,7 +308,20 @@ def test_bad_input_is_rejected_with_a_clear_message(tmp_path):
     with pytest.raises(ValueError, match="Unknown colour 'purple'"):
         synthetic.Shape("purple", "circle", 0)
     with pytest.raises(ValueError, match="Unknown question type"):
-        synthetic.QuestionSpec("count")
+        synthetic.QuestionSpec("compare")
+    with pytest.raises(ValueError, match="'count' takes no color"):
+        synthetic.QuestionSpec("count", color="red")
+    with pytest.raises(ValueError, match="'count_color' needs a color"):
+        synthetic.QuestionSpec("count_color")
+    with pytest.raises(ValueError, match="compares a shape with itself"):
+        synthetic.QuestionSpec(
+            "is_relation", color="red", shape="circle", relation="above", other_color="red", other_shape="circle"
+        )
+    eight = [synthetic.Shape(color, kind, cell) for cell, (color, kind) in enumerate(synthetic._all_pairs()[:8])]
+    with pytest.raises(ValueError, match="at most 7 shapes"):
+        synthetic.Scene(tuple(eight))
+    with pytest.raises(ValueError, match="max_shapes <= 7"):
+        synthetic.sample_example(random.Random(0), max_shapes=8)
     with pytest.raises(ValueError, match="min_shapes"):
         synthetic.sample_example(random.Random(0), min_shapes=1)
     with pytest.raises(ValueError, match="Split name"):
@@ -276,4 +343,104 @@ def test_question_type_of_inverts_the_templates():
             _, (spec,) = synthetic.sample_example(rng, question_types=[question_type])
             assert synthetic.question_type_of(spec.text) == question_type
     with pytest.raises(ValueError, match="not a question"):
-        synthetic.question_type_of("how many shapes are there ?")
+        synthetic.question_type_of("how many circles are there ?")
+
+
+def _scene(*shapes: tuple[str, str, int]) -> synthetic.Scene:
+    return synthetic.Scene(tuple(synthetic.Shape(color, kind, cell) for color, kind, cell in shapes))
+
+
+def _ask(scene: synthetic.Scene, question_type: str, **arguments) -> str:
+    return synthetic.answer(scene, synthetic.QuestionSpec(question_type, **arguments))
+
+
+def _is(scene: synthetic.Scene, first: tuple[str, str], relation: str, second: tuple[str, str]) -> str:
+    """The answer to "is the <first> <relation> the <second> ?" about `scene`."""
+    arguments = dict(color=first[0], shape=first[1], other_color=second[0], other_shape=second[1])
+    return _ask(scene, "is_relation", relation=relation, **arguments)
+
+
+def test_counting_answers_on_constructed_scenes():
+    # red circle . blue square / . red triangle . / green circle . red square
+    five = _scene(
+        ("red", "circle", 0),
+        ("blue", "square", 2),
+        ("red", "triangle", 4),
+        ("green", "circle", 6),
+        ("red", "square", 8),
+    )
+    assert _ask(five, "count") == "five"
+    counts = {color: _ask(five, "count_color", color=color) for color in synthetic.COLORS}
+    assert counts == {"red": "three", "green": "one", "blue": "one", "yellow": "zero"}
+    assert _ask(five, "most_color") == "red"
+    assert _ask(five, "exists", color="red", shape="triangle") == "yes"
+    assert _ask(five, "exists", color="blue", shape="circle") == "no"  # a blue shape and a circle, not a blue circle
+    two_blue = _scene(("blue", "circle", 3), ("blue", "triangle", 5))
+    assert (_ask(two_blue, "count"), _ask(two_blue, "most_color")) == ("two", "blue")
+    assert _ask(two_blue, "count_color", color="blue") == "two"
+    # Seven shapes in cells 0-6: red circle, square, triangle; green circle, square, triangle; blue circle.
+    seven = _scene(*[(color, kind, cell) for cell, (color, kind) in enumerate(synthetic._all_pairs()[:7])])
+    assert _ask(seven, "count") == "seven"
+    assert [_ask(seven, "count_color", color=color) for color in synthetic.COLORS] == ["three", "three", "one", "zero"]
+    with pytest.raises(ValueError, match="tie"):  # red and green, three each
+        _ask(seven, "most_color")
+
+
+def test_most_color_is_never_asked_on_a_tie():
+    ties = [
+        _scene(("red", "circle", 0), ("blue", "square", 8)),
+        _scene(("red", "circle", 0), ("red", "square", 1), ("blue", "square", 7), ("blue", "circle", 8)),
+        _scene(("red", "circle", 0), ("green", "square", 4), ("yellow", "triangle", 8)),
+    ]
+    for scene in ties:
+        with pytest.raises(ValueError, match="tie"):
+            _ask(scene, "most_color")
+        assert synthetic.candidate_questions(scene, "most_color") == []
+    untied = _scene(("red", "circle", 0), ("red", "square", 1), ("blue", "square", 7))
+    assert synthetic.candidate_questions(untied, "most_color") == [synthetic.QuestionSpec("most_color")]
+
+
+def test_relations_on_a_constructed_scene_whatever_the_row():
+    # . yellow triangle . / blue circle . . / . . green square
+    scene = _scene(("yellow", "triangle", 1), ("blue", "circle", 3), ("green", "square", 8))
+    # "left of" means any column further left, whatever the row: the circle is one row lower.
+    assert _ask(scene, "relation", color="yellow", shape="triangle", relation="left of") == "circle"
+    assert _ask(scene, "relation", color="yellow", shape="triangle", relation="right of") == "square"
+    assert _ask(scene, "relation", color="blue", shape="circle", relation="above") == "triangle"
+    assert _ask(scene, "relation", color="blue", shape="circle", relation="below") == "square"
+    with pytest.raises(ValueError, match="2 shapes are left of the green square"):
+        _ask(scene, "relation", color="green", shape="square", relation="left of")
+    with pytest.raises(ValueError, match="0 shapes are above the yellow triangle"):
+        _ask(scene, "relation", color="yellow", shape="triangle", relation="above")
+    texts = sorted(spec.text for spec in synthetic.candidate_questions(scene, "relation"))
+    assert texts == [
+        "what shape is above the blue circle ?",
+        "what shape is below the blue circle ?",
+        "what shape is left of the yellow triangle ?",
+        "what shape is right of the yellow triangle ?",
+    ]
+
+    circle, triangle, square = ("blue", "circle"), ("yellow", "triangle"), ("green", "square")
+    assert _is(scene, circle, "left of", square) == "yes" and _is(scene, square, "left of", circle) == "no"
+    assert _is(scene, triangle, "left of", square) == "yes" and _is(scene, triangle, "right of", circle) == "yes"
+    assert _is(scene, triangle, "above", circle) == "yes" and _is(scene, circle, "above", triangle) == "no"
+    assert _is(scene, triangle, "below", square) == "no" and _is(scene, square, "below", circle) == "yes"
+    # All three shapes differ in row and in column: every ordered pair and relation is a fair question.
+    assert len(synthetic.candidate_questions(scene, "is_relation")) == 6 * 4
+
+
+def test_comparisons_in_one_column_or_row_are_never_asked():
+    scene = _scene(("red", "circle", 0), ("red", "square", 6), ("blue", "triangle", 7))  # circle above square
+    circle, square, triangle = ("red", "circle"), ("red", "square"), ("blue", "triangle")
+    with pytest.raises(ValueError, match="share a column"):
+        _is(scene, circle, "left of", square)
+    with pytest.raises(ValueError, match="share a row"):
+        _is(scene, square, "below", triangle)
+    assert _is(scene, circle, "above", square) == "yes"
+    with pytest.raises(ValueError, match="no green circle"):
+        _is(scene, ("green", "circle"), "above", square)
+    asked = {spec.text for spec in synthetic.candidate_questions(scene, "is_relation")}
+    assert "is the red circle left of the red square ?" not in asked
+    assert "is the red circle above the red square ?" in asked
+    assert "is the red square left of the blue triangle ?" in asked
+    assert not any("square below the blue" in text or "triangle above the red square" in text for text in asked)

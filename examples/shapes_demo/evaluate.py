@@ -15,14 +15,22 @@ from adsc_llava.cost import format_schedule, stock_and_adsc_costs
 from adsc_llava.shapes_demo import synthetic
 from adsc_llava.shapes_demo.recipe import QUESTION_TYPES, DemoRecipe
 
+# The categories a table reports, in order.
+CATEGORIES = tuple(synthetic.QUESTION_CATEGORIES)
+
 
 @dataclass
 class Result:
+    """One row of a demo table on one seed's test split."""
+
     method: str
     budget: float | None
     curriculum: str | None
+    seed: int
     accuracy: float
-    accuracy_by_type: dict[str, float]  # per question type, e.g. {"color_at": 0.95, "shape_at": 0.88}
+    accuracy_by_category: dict[str, float]  # {"cell": 0.95, "counting": 0.71, "existence": ..., "relation": ...}
+    accuracy_by_type: dict[str, float]  # per question type of the generator, e.g. {"color_at": 0.95, ...}
+    num_questions: int
     vision_tokens: float
     flops_ratio: float
     kv_ratio: float
@@ -31,17 +39,15 @@ class Result:
 
 
 @torch.no_grad()
-def accuracy(
+def hits_by_type(
     model: AdscLlavaForConditionalGeneration, processor, test_json: Path, batch_size: int = 50
-) -> tuple[float, dict[str, float]]:
-    """Exact match of the greedy one-word answer on the test split (prompts built with the chat template).
-
-    Returns the accuracy over all questions and per question type.
-    """
+) -> dict[str, list[bool]]:
+    """Exact match of the greedy one-word answer to each test question (prompts built with the chat template),
+    grouped by question type."""
     records = json.loads(test_json.read_text())
     processor.tokenizer.padding_side = "left"
     model.eval()
-    hits_by_type: dict[str, list[bool]] = {}
+    hits: dict[str, list[bool]] = {}
     for start in range(0, len(records), batch_size):
         batch = records[start : start + batch_size]
         turns = [record["conversations"][0]["value"] for record in batch]
@@ -53,9 +59,12 @@ def accuracy(
         answers = processor.tokenizer.batch_decode(generated[:, None], skip_special_tokens=True)
         for question, answer, record in zip(questions, answers, batch, strict=True):
             hit = answer.strip() == record["conversations"][1]["value"]
-            hits_by_type.setdefault(synthetic.question_type_of(question), []).append(hit)
-    all_hits = [hit for hits in hits_by_type.values() for hit in hits]
-    return sum(all_hits) / len(all_hits), {kind: sum(hits) / len(hits) for kind, hits in sorted(hits_by_type.items())}
+            hits.setdefault(synthetic.question_type_of(question), []).append(hit)
+    return hits
+
+
+def _share(hits: list[bool]) -> float:
+    return sum(hits) / len(hits)
 
 
 def prompt_for(processor, question: str) -> str:
@@ -82,6 +91,7 @@ def evaluate_row(
     processor,
     test_json: Path,
     budget: float | None,
+    seed: int,
     curriculum: str | None = None,
     model_dir: Path | None = None,
 ) -> Result:
@@ -90,13 +100,22 @@ def evaluate_row(
         processor.tokenizer(prompt_for(processor, "what color is the shape at the top left ?")).input_ids
     )
     flops_ratio, kv_ratio = cost_ratios(config, prompt_tokens)
-    overall, by_type = accuracy(model, processor, test_json)
+    hits = hits_by_type(model, processor, test_json)
+    by_category: dict[str, list[bool]] = {}
+    for question_type, type_hits in hits.items():
+        by_category.setdefault(synthetic.category_of(question_type), []).extend(type_hits)
+    all_hits = [hit for type_hits in hits.values() for hit in type_hits]
     result = Result(
         method=method,
         budget=budget,
         curriculum=curriculum,
-        accuracy=overall,
-        accuracy_by_type=by_type,
+        seed=seed,
+        accuracy=_share(all_hits),
+        accuracy_by_category={
+            category: _share(by_category[category]) for category in CATEGORIES if category in by_category
+        },
+        accuracy_by_type={question_type: _share(hits[question_type]) for question_type in sorted(hits)},
+        num_questions=len(all_hits),
         vision_tokens=config.average_vision_tokens(),
         flops_ratio=flops_ratio,
         kv_ratio=kv_ratio,
@@ -104,9 +123,9 @@ def evaluate_row(
         model_dir=str(model_dir) if model_dir else None,
     )
     print(
-        f"  {method:<26} budget {budget if budget is not None else config.image_seq_length:>6.1f}  "
+        f"  seed {seed}  {method:<26} budget {budget if budget is not None else config.image_seq_length:>6.1f}  "
         f"accuracy {result.accuracy:.1%} ("
-        + ", ".join(f"{kind} {value:.1%}" for kind, value in by_type.items())
+        + ", ".join(f"{category} {value:.1%}" for category, value in result.accuracy_by_category.items())
         + f")  FLOPs {flops_ratio:.1%}  KV {kv_ratio:.1%}  "
         f"tokens/layer {format_schedule(config.vision_tokens_per_layer())}",
         flush=True,
@@ -131,8 +150,13 @@ PIPELINE_CHECK = textwrap.dedent(
 def answer_new_image(model_dir: Path, output_dir: Path, recipe: DemoRecipe) -> tuple[str, str, str, bool]:
     """Draw a new scene, ask about it through `pipeline(..., trust_remote_code=True)` in a fresh process."""
     rng = random.Random(f"demo-new-image-{recipe.seed}")
-    scene = synthetic.sample_scene(rng, recipe.image_size, recipe.min_shapes, recipe.max_shapes)
-    spec = synthetic.sample_question(rng, scene, QUESTION_TYPES[0])
+    scene, (spec,) = synthetic.sample_example(
+        rng,
+        recipe.image_size,
+        min_shapes=recipe.min_shapes,
+        max_shapes=recipe.max_shapes,
+        question_types=QUESTION_TYPES,
+    )
     image_path = output_dir / "new_image.png"
     synthetic.draw_scene(scene).save(image_path)
     completed = subprocess.run(

@@ -6,9 +6,13 @@ from dataclasses import asdict, dataclass, replace
 
 from adsc_llava.shapes_demo import synthetic
 
-# Questions the demo asks: what is at a place, and what is where.
-QUESTION_TYPES = ("color_at", "shape_at")
+# Questions the demo asks: every type of the generator, about a quarter of them in each category (what is at a
+# named place; counting; existence; relations between two shapes), training and test alike.
+QUESTION_TYPES = synthetic.QUESTION_TYPES
 BUDGET_FRACTIONS = (1 / 3, 2 / 9, 1 / 9)  # the paper's 192, 128 and 64 of 576
+# Seeds of the test split and of the fine-tuning runs; the spread of a table cell is its min-max over them.
+SEEDS = (0, 1, 2)
+QUICK_SEEDS = (0, 1)
 
 
 @dataclass(frozen=True)
@@ -49,12 +53,14 @@ class DemoRecipe:
     # half the questions, and that shortcut held up learning *where* things are (measured in the README).
     min_shapes: int = 2
     max_shapes: int = 4
+    # Seed of the training data and of the base model's initialisation and order (the fine-tuning runs and the test
+    # splits take the run's seeds, `SEEDS`).
     seed: int = 0
 
 
 FULL = DemoRecipe(
     num_train_images=40000,
-    num_test_images=400,
+    num_test_images=1000,
     questions_per_image=4,
     base_steps=1800,
     base_learning_rate=1e-3,

@@ -4,19 +4,28 @@ Every image is a plain canvas (default 48 x 48 px) split into a 3 x 3 grid; 2-4 
 red, green, blue, yellow) sit in distinct cells with a little seeded jitter in size and position. No two shapes in
 one scene share a (colour, shape) pair, so "the red circle" always names a single shape.
 
-Question types (the answer always needs the image, and is one word of a closed vocabulary):
+Question types (the answer always needs the image, and is one word of a closed vocabulary), in four categories:
 
-- `color_at`: "what color is the shape at the top left ?" -> a colour
-- `shape_at`: "what shape is at the middle center ?" -> a shape
-- `exists`: "is there a blue square ?" -> "yes" / "no"
-- `relation`: "what shape is left of the red circle ?" -> a shape. "left of" means: in the same row, on the left;
-  the question is only asked when exactly one shape is there (likewise "right of", "above", "below" in the column).
+- cell: what is at a named place.
+  - `color_at`: "what color is the shape at the top left ?" -> a colour
+  - `shape_at`: "what shape is at the middle center ?" -> a shape
+- counting: the whole scene.
+  - `count`: "how many shapes are there ?" -> a number word ("two")
+  - `count_color`: "how many red shapes are there ?" -> a number word, "zero" included
+  - `most_color`: "which color appears most ?" -> a colour; only asked when one colour has more shapes than every
+    other (a tie has no answer, so a scene with one is never asked this)
+- existence: `exists`: "is there a blue square ?" -> "yes" / "no"
+- relation: where two shapes are with respect to each other. "left of" means in a column further left, whatever
+  the row ("right of" likewise; "above" / "below": in a row further up / down, whatever the column).
+  - `relation`: "what shape is left of the red circle ?" -> a shape; only asked when exactly one shape is there
+  - `is_relation`: "is the red circle left of the blue square ?" -> "yes" / "no"; only asked when the two shapes
+    are in different columns (rows for "above" / "below"), so "no" always means "on the other side"
 
-To leave no text-only shortcut, the first question of every image is drawn *answer first*: the type, its
-arguments and the answer are sampled uniformly and independently, then a scene is built around them. So, for
-example, "is there a blue square ?" is answered "yes" exactly as often as "no", and the shape left of the red circle
-is a circle, square or triangle with equal probability. Further questions on the same image (multi-turn) are
-picked from what the scene offers, choosing the answer uniformly among those available.
+To leave no text-only shortcut, the first question of every image is drawn *answer first*: a category uniformly,
+a type of it uniformly, its arguments and the answer uniformly and independently, then a scene is built around
+them. So, for example, "is there a blue square ?" is answered "yes" exactly as often as "no", and "how many red
+shapes are there ?" zero to three times with equal probability. Further questions on the same image (multi-turn)
+are picked from what the scene offers, choosing the answer uniformly among those available.
 
 Text is lowercase, words are separated by single spaces and "?" is a separate word, so a word-level tokenizer built
 from `vocabulary()` covers everything (the `<image>` placeholder is the processor's special token, not a word).
@@ -28,10 +37,12 @@ Records follow the LLaVA-InstructionMix-665K format; `image` is relative to the 
                        {"from": "gpt", "value": "circle"}]}
 """
 
+import functools
 import hashlib
 import json
 import random
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,11 +68,25 @@ SHAPES = ("circle", "square", "triangle")
 # demo model (same seed and steps) found the colour at a position 79% of the time with these names, 63% without.
 ROW_WORDS, COLUMN_WORDS = ("top", "middle", "bottom"), ("left", "center", "right")
 POSITIONS = tuple(f"{row} {column}" for row in ROW_WORDS for column in COLUMN_WORDS)
-# (row step, column step) from the referenced shape towards the shape asked about.
+# (row step, column step) from the referenced shape towards the side asked about.
 RELATIONS: dict[str, tuple[int, int]] = {"left of": (0, -1), "right of": (0, 1), "above": (-1, 0), "below": (1, 0)}
-QUESTION_TYPES = ("color_at", "shape_at", "exists", "relation")
+OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+# The four categories the demo reports, and the question types of each (see the module docstring).
+QUESTION_CATEGORIES: dict[str, tuple[str, ...]] = {
+    "cell": ("color_at", "shape_at"),
+    "counting": ("count", "count_color", "most_color"),
+    "existence": ("exists",),
+    "relation": ("relation", "is_relation"),
+}
+QUESTION_TYPES = tuple(question_type for types in QUESTION_CATEGORIES.values() for question_type in types)
 YES_NO = ("yes", "no")
-ANSWERS = (*COLORS, *SHAPES, *YES_NO)
+# A scene holds at most 7 shapes: "what shape is left of the ... ?" needs a side of at least 3 cells holding exactly
+# one shape, so two cells stay empty. So counts run from zero to seven.
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven")
+MAX_SHAPES = len(NUMBER_WORDS) - 1
+ANSWERS = (*COLORS, *SHAPES, *YES_NO, *NUMBER_WORDS)
+# Bump when the drawing or the answering changes in a way the settings below do not show (it keys cached data).
+GENERATOR_VERSION = 2
 
 # Shape size as a fraction of the cell side, and the largest centre offset (fraction of the cell side). With these
 # bounds every shape stays inside its own cell and covers the cell centre. Sizes vary by only +-5%, so a circle also
@@ -74,8 +99,31 @@ MIN_IMAGE_SIZE = 12
 _QUESTION_TEMPLATES = {
     "color_at": "what color is the shape at the {position} ?",
     "shape_at": "what shape is at the {position} ?",
+    "count": "how many shapes are there ?",
+    "count_color": "how many {color} shapes are there ?",
+    "most_color": "which color appears most ?",
     "exists": "is there a {color} {shape} ?",
     "relation": "what shape is {relation} the {color} {shape} ?",
+    "is_relation": "is the {color} {shape} {relation} the {other_color} {other_shape} ?",
+}
+# The arguments each question type takes (the others stay None).
+_ARGUMENTS = {
+    "color_at": ("cell",),
+    "shape_at": ("cell",),
+    "count": (),
+    "count_color": ("color",),
+    "most_color": (),
+    "exists": ("color", "shape"),
+    "relation": ("color", "shape", "relation"),
+    "is_relation": ("color", "shape", "relation", "other_color", "other_shape"),
+}
+_ARGUMENT_VALUES = {
+    "cell": range(NUM_CELLS),
+    "color": COLORS,
+    "shape": SHAPES,
+    "relation": RELATIONS,
+    "other_color": COLORS,
+    "other_shape": SHAPES,
 }
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -91,6 +139,9 @@ def generator_settings() -> dict:
         "max_offset": MAX_OFFSET,
         "background": BACKGROUND,
         "templates": _QUESTION_TEMPLATES,
+        "categories": QUESTION_CATEGORIES,
+        "numbers": NUMBER_WORDS,
+        "version": GENERATOR_VERSION,
     }
 
 
@@ -144,6 +195,8 @@ class Scene:
     def __post_init__(self) -> None:
         if self.image_size < MIN_IMAGE_SIZE:
             raise ValueError(f"image_size must be at least {MIN_IMAGE_SIZE} px, got {self.image_size}.")
+        if len(self.shapes) > MAX_SHAPES:
+            raise ValueError(f"A scene holds at most {MAX_SHAPES} shapes, got {len(self.shapes)}.")
         cells = [shape.cell for shape in self.shapes]
         if len(set(cells)) != len(cells):
             raise ValueError(f"Two shapes share a cell: cells {cells}.")
@@ -159,13 +212,24 @@ class Scene:
         """The shape with this colour and kind, or None."""
         return next((shape for shape in self.shapes if (shape.color, shape.kind) == (color, kind)), None)
 
+    def shapes_towards(self, cell: int, relation: str) -> list[Shape]:
+        """The shapes on the `relation` side of `cell` (`cells_towards`)."""
+        return [shape for shape in self.shapes if shape.cell in cells_towards(cell, relation)]
+
+    def most_common_color(self) -> str | None:
+        """The colour with more shapes than every other colour, or None when the most frequent colours tie."""
+        counts = Counter(shape.color for shape in self.shapes).most_common()
+        return counts[0][0] if len(counts) == 1 or counts[0][1] > counts[1][1] else None
+
 
 @dataclass(frozen=True)
 class QuestionSpec:
     """A question in structured form; `text` renders it.
 
-    `type` is one of `QUESTION_TYPES`; `cell` is used by `color_at` / `shape_at`, `color` and `shape` by `exists` and
-    `relation` (the referenced shape), `relation` (one of `RELATIONS`) by `relation`.
+    `type` is one of `QUESTION_TYPES` and takes the arguments `_ARGUMENTS[type]`, the others staying None: `cell`
+    (`color_at`, `shape_at`), `color` (`count_color`; the shape asked about with `shape` in `exists`, `relation`,
+    `is_relation`), `relation` (one of `RELATIONS`), and `other_color` / `other_shape` (the second shape of
+    `is_relation`: "is the {color} {shape} {relation} the {other_color} {other_shape} ?").
     """
 
     type: str
@@ -173,33 +237,40 @@ class QuestionSpec:
     color: str | None = None
     shape: str | None = None
     relation: str | None = None
+    other_color: str | None = None
+    other_shape: str | None = None
 
     def __post_init__(self) -> None:
         if self.type not in QUESTION_TYPES:
             raise ValueError(f"Unknown question type {self.type!r}; expected one of {list(QUESTION_TYPES)}.")
-        needs_cell = self.type in ("color_at", "shape_at")
-        if needs_cell and (self.cell is None or not 0 <= self.cell < NUM_CELLS):
-            raise ValueError(f"Question type {self.type!r} needs a cell in [0, {NUM_CELLS}), got {self.cell}.")
-        if not needs_cell and (self.color not in COLORS or self.shape not in SHAPES):
-            raise ValueError(
-                f"Question type {self.type!r} needs a colour in {list(COLORS)} and a shape in {list(SHAPES)}, "
-                f"got {self.color!r} and {self.shape!r}."
-            )
-        if self.type == "relation" and self.relation not in RELATIONS:
-            raise ValueError(f"Relation {self.relation!r} is not one of {list(RELATIONS)}.")
+        for argument, values in _ARGUMENT_VALUES.items():
+            value = getattr(self, argument)
+            if argument not in _ARGUMENTS[self.type]:
+                if value is not None:
+                    raise ValueError(f"Question type {self.type!r} takes no {argument}, got {value!r}.")
+            elif value not in values:
+                raise ValueError(f"Question type {self.type!r} needs a {argument} in {list(values)}, got {value!r}.")
+        if self.type == "is_relation" and (self.color, self.shape) == (self.other_color, self.other_shape):
+            raise ValueError(f"{self.text!r} compares a shape with itself.")
 
     @property
     def text(self) -> str:
         """The question as asked, e.g. "what shape is left of the red circle ?"."""
         position = POSITIONS[self.cell] if self.cell is not None else None
         return _QUESTION_TEMPLATES[self.type].format(
-            position=position, color=self.color, shape=self.shape, relation=self.relation
+            position=position,
+            color=self.color,
+            shape=self.shape,
+            relation=self.relation,
+            other_color=self.other_color,
+            other_shape=self.other_shape,
         )
 
 
 def _template_pattern(template: str) -> re.Pattern:
     """`template` as a regex whose placeholders match exactly the words they can be filled with."""
-    choices = {"position": POSITIONS, "color": COLORS, "shape": SHAPES, "relation": RELATIONS}
+    choices = {"position": POSITIONS, **_ARGUMENT_VALUES}
+    del choices["cell"]  # rendered as its position
     pattern = re.escape(template)
     for placeholder, words in choices.items():
         pattern = pattern.replace(re.escape(f"{{{placeholder}}}"), "(?:" + "|".join(map(re.escape, words)) + ")")
@@ -217,6 +288,14 @@ def question_type_of(text: str) -> str:
     raise ValueError(f"{text!r} is not a question of this data set (types {list(QUESTION_TYPES)}).")
 
 
+def category_of(question_type: str) -> str:
+    """The category (a key of `QUESTION_CATEGORIES`) a question type belongs to."""
+    for category, types in QUESTION_CATEGORIES.items():
+        if question_type in types:
+            return category
+    raise ValueError(f"Unknown question type {question_type!r}; expected one of {list(QUESTION_TYPES)}.")
+
+
 def vocabulary() -> list[str]:
     """Every word that can appear in a question or an answer, sorted ("?" included; `<image>` is not)."""
     words = set(ANSWERS) | {"?"}
@@ -227,40 +306,65 @@ def vocabulary() -> list[str]:
     return sorted(words)
 
 
-def _cells_towards(cell: int, relation: str) -> list[int]:
-    """Grid cells strictly on the `relation` side of `cell`, in the same row (left/right) or column (above/below)."""
+@functools.cache
+def cells_towards(cell: int, relation: str) -> tuple[int, ...]:
+    """Grid cells on the `relation` side of `cell`: every cell in a column further left ("left of"), whatever its
+    row, and likewise for "right of", "above" (a row further up) and "below"."""
     row_step, column_step = RELATIONS[relation]
     row, column = divmod(cell, GRID_SIZE)
-    cells = []
-    row, column = row + row_step, column + column_step
-    while 0 <= row < GRID_SIZE and 0 <= column < GRID_SIZE:
-        cells.append(row * GRID_SIZE + column)
-        row, column = row + row_step, column + column_step
-    return cells
+    return tuple(
+        other
+        for other in range(NUM_CELLS)
+        if (other // GRID_SIZE - row) * row_step > 0 or (other % GRID_SIZE - column) * column_step > 0
+    )
+
+
+def _named_shape(scene: Scene, color: str, kind: str, spec: "QuestionSpec") -> Shape:
+    shape = scene.find(color, kind)
+    if shape is None:
+        raise ValueError(f"There is no {color} {kind}: {spec.text!r} has no answer.")
+    return shape
 
 
 def answer(scene: Scene, spec: QuestionSpec) -> str:
     """The single correct answer to `spec` about `scene`.
 
     Raises:
-        ValueError: if the question has no unique answer for this scene (empty cell, unknown referenced shape, or not
-            exactly one shape on the asked side of it).
+        ValueError: if the question has no unique answer for this scene: an empty cell, a named shape that is not
+            there, not exactly one shape on the asked side, two shapes in the same column (row) for a left / right
+            (above / below) comparison, or a tie for the most frequent colour.
     """
     if spec.type in ("color_at", "shape_at"):
         shape = scene.shape_at(spec.cell)
         if shape is None:
             raise ValueError(f"No shape at the {POSITIONS[spec.cell]}: {spec.text!r} has no answer.")
         return shape.color if spec.type == "color_at" else shape.kind
-    reference = scene.find(spec.color, spec.shape)
+    if spec.type == "count":
+        return NUMBER_WORDS[len(scene.shapes)]
+    if spec.type == "count_color":
+        return NUMBER_WORDS[sum(shape.color == spec.color for shape in scene.shapes)]
+    if spec.type == "most_color":
+        color = scene.most_common_color()
+        if color is None:
+            raise ValueError(f"The most frequent colours tie: {spec.text!r} has no answer.")
+        return color
     if spec.type == "exists":
-        return "yes" if reference is not None else "no"
-    if reference is None:
-        raise ValueError(f"There is no {spec.color} {spec.shape}: {spec.text!r} has no answer.")
-    targets = [scene.shape_at(cell) for cell in _cells_towards(reference.cell, spec.relation)]
-    targets = [shape for shape in targets if shape is not None]
-    if len(targets) != 1:
-        raise ValueError(f"{len(targets)} shapes are {spec.relation} the {spec.color} {spec.shape}; need exactly 1.")
-    return targets[0].kind
+        return "yes" if scene.find(spec.color, spec.shape) is not None else "no"
+    reference = _named_shape(scene, spec.color, spec.shape, spec)
+    if spec.type == "relation":
+        targets = scene.shapes_towards(reference.cell, spec.relation)
+        if len(targets) != 1:
+            raise ValueError(
+                f"{len(targets)} shapes are {spec.relation} the {spec.color} {spec.shape}; need exactly 1."
+            )
+        return targets[0].kind
+    other = _named_shape(scene, spec.other_color, spec.other_shape, spec)
+    if reference.cell in cells_towards(other.cell, spec.relation):
+        return "yes"
+    if reference.cell in cells_towards(other.cell, OPPOSITE[spec.relation]):
+        return "no"
+    axis = "column" if spec.relation in ("left of", "right of") else "row"
+    raise ValueError(f"The two shapes of {spec.text!r} share a {axis}: neither is {spec.relation} the other.")
 
 
 def draw_scene(scene: Scene) -> Image.Image:
@@ -331,21 +435,58 @@ def sample_scene(rng: random.Random, image_size: int = 48, min_shapes: int = 2, 
 
 
 def _check_shape_counts(min_shapes: int, max_shapes: int) -> None:
-    if not 2 <= min_shapes <= max_shapes <= NUM_CELLS - 1:
+    if not 2 <= min_shapes <= max_shapes <= MAX_SHAPES:
         raise ValueError(
-            f"Need 2 <= min_shapes <= max_shapes <= {NUM_CELLS - 1} (relations need two shapes and one free cell), "
-            f"got min_shapes={min_shapes}, max_shapes={max_shapes}."
+            f"Need 2 <= min_shapes <= max_shapes <= {MAX_SHAPES} (relations need two shapes, and a side of three "
+            f"cells holding one of them), got min_shapes={min_shapes}, max_shapes={max_shapes}."
         )
 
 
+def _pairs_of(color: str) -> list[tuple[str, str]]:
+    return [(color, kind) for kind in SHAPES]
+
+
+def _other_pairs(color: str) -> list[tuple[str, str]]:
+    return [pair for pair in _all_pairs() if pair[0] != color]
+
+
+def _at_random_cells(rng: random.Random, pairs: list[tuple[str, str]]) -> list[tuple[str, str, int]]:
+    """(colour, kind, cell) triples: `pairs` placed in distinct random cells."""
+    cells = rng.sample(range(NUM_CELLS), len(pairs))
+    return [(color, kind, cell) for (color, kind), cell in zip(pairs, cells, strict=True)]
+
+
 def sample_scene_and_question(
-    rng: random.Random, question_type: str, num_shapes: int, image_size: int = 48
+    rng: random.Random, question_type: str, min_shapes: int = 2, max_shapes: int = 4, image_size: int = 48
 ) -> tuple[Scene, QuestionSpec]:
-    """Draw a question of `question_type` answer first (arguments and answer uniform), then a scene around it."""
+    """Draw a question of `question_type` answer first (arguments and answer uniform), then a scene of
+    `min_shapes`..`max_shapes` shapes around it."""
+    _check_shape_counts(min_shapes, max_shapes)
+    num_shapes = rng.randint(min_shapes, max_shapes)
     if question_type in ("color_at", "shape_at"):
         cell, (color, kind) = rng.randrange(NUM_CELLS), rng.choice(_all_pairs())
         scene = _fill_scene(rng, [(color, kind, cell)], num_shapes, image_size=image_size)
         return scene, QuestionSpec(question_type, cell=cell)
+    if question_type == "count":  # the answer is `num_shapes`, uniform
+        return _fill_scene(rng, [], num_shapes, image_size=image_size), QuestionSpec("count")
+    if question_type == "count_color":
+        color = rng.choice(list(COLORS))
+        count = rng.randint(0, min(len(SHAPES), max_shapes))  # the answer first, then enough shapes for it
+        num_shapes = rng.randint(max(min_shapes, count), max_shapes)
+        placed = _at_random_cells(rng, rng.sample(_pairs_of(color), count))
+        scene = _fill_scene(rng, placed, num_shapes, blocked_pairs=_pairs_of(color), image_size=image_size)
+        return scene, QuestionSpec("count_color", color=color)
+    if question_type == "most_color":
+        color = rng.choice(list(COLORS))
+        # The leading colour's count, such that the other shapes fit with fewer of each colour (2 shapes: both).
+        leads = range(2, min(len(SHAPES), num_shapes) + 1)
+        lead = rng.choice([lead for lead in leads if num_shapes - lead <= (len(COLORS) - 1) * (lead - 1)])
+        while True:  # at most a few draws: most draws of the rest leave every other colour under `lead`
+            rest = rng.sample(_other_pairs(color), num_shapes - lead)
+            if all(count < lead for count in Counter(c for c, _ in rest).values()):
+                break
+        placed = _at_random_cells(rng, rng.sample(_pairs_of(color), lead) + rest)
+        return _fill_scene(rng, placed, num_shapes, image_size=image_size), QuestionSpec("most_color")
     if question_type == "exists":
         color, kind = rng.choice(_all_pairs())
         if rng.choice(YES_NO) == "yes":
@@ -356,8 +497,14 @@ def sample_scene_and_question(
         return scene, QuestionSpec("exists", color=color, shape=kind)
     if question_type == "relation":
         relation = rng.choice(list(RELATIONS))
-        reference_cell = rng.choice([cell for cell in range(NUM_CELLS) if _cells_towards(cell, relation)])
-        side_cells = _cells_towards(reference_cell, relation)
+        # The side must hold exactly the target; the reference's own row or column takes the other shapes.
+        references = [
+            cell
+            for cell in range(NUM_CELLS)
+            if cells_towards(cell, relation) and NUM_CELLS - len(cells_towards(cell, relation)) + 1 >= num_shapes
+        ]
+        reference_cell = rng.choice(references)
+        side_cells = cells_towards(reference_cell, relation)
         target_cell = rng.choice(side_cells)
         color, kind = rng.choice(_all_pairs())
         target_kind = rng.choice(SHAPES)
@@ -366,6 +513,18 @@ def sample_scene_and_question(
         # Keep the rest of that side empty, so exactly one shape answers the question.
         scene = _fill_scene(rng, placed, num_shapes, blocked_cells=side_cells, image_size=image_size)
         return scene, QuestionSpec("relation", color=color, shape=kind, relation=relation)
+    if question_type == "is_relation":
+        relation = rng.choice(list(RELATIONS))
+        side = relation if rng.choice(YES_NO) == "yes" else OPPOSITE[relation]
+        other_cell = rng.choice([cell for cell in range(NUM_CELLS) if cells_towards(cell, side)])
+        cell = rng.choice(cells_towards(other_cell, side))
+        (color, kind), (other_color, other_kind) = rng.sample(_all_pairs(), 2)
+        placed = [(color, kind, cell), (other_color, other_kind, other_cell)]
+        scene = _fill_scene(rng, placed, num_shapes, image_size=image_size)
+        spec = QuestionSpec(
+            "is_relation", color=color, shape=kind, relation=relation, other_color=other_color, other_shape=other_kind
+        )
+        return scene, spec
     raise ValueError(f"Unknown question type {question_type!r}; expected one of {list(QUESTION_TYPES)}.")
 
 
@@ -373,16 +532,36 @@ def candidate_questions(scene: Scene, question_type: str) -> list[QuestionSpec]:
     """Every question of `question_type` with a unique answer for `scene`."""
     if question_type in ("color_at", "shape_at"):
         return [QuestionSpec(question_type, cell=shape.cell) for shape in scene.shapes]
+    if question_type == "count":
+        return [QuestionSpec("count")]
+    if question_type == "count_color":
+        return [QuestionSpec("count_color", color=color) for color in COLORS]
+    if question_type == "most_color":
+        return [QuestionSpec("most_color")] if scene.most_common_color() is not None else []
     if question_type == "exists":
         return [QuestionSpec("exists", color=color, shape=kind) for color, kind in _all_pairs()]
     if question_type == "relation":
-        candidates = []
-        for shape in scene.shapes:
-            for relation in RELATIONS:
-                side = [scene.shape_at(cell) for cell in _cells_towards(shape.cell, relation)]
-                if sum(other is not None for other in side) == 1:
-                    candidates.append(QuestionSpec("relation", color=shape.color, shape=shape.kind, relation=relation))
-        return candidates
+        return [
+            QuestionSpec("relation", color=shape.color, shape=shape.kind, relation=relation)
+            for shape in scene.shapes
+            for relation in RELATIONS
+            if len(scene.shapes_towards(shape.cell, relation)) == 1
+        ]
+    if question_type == "is_relation":
+        return [
+            QuestionSpec(
+                "is_relation",
+                color=shape.color,
+                shape=shape.kind,
+                relation=relation,
+                other_color=other.color,
+                other_shape=other.kind,
+            )
+            for shape in scene.shapes
+            for other in scene.shapes
+            for relation in RELATIONS
+            if shape.cell in cells_towards(other.cell, relation) + cells_towards(other.cell, OPPOSITE[relation])
+        ]
     raise ValueError(f"Unknown question type {question_type!r}; expected one of {list(QUESTION_TYPES)}.")
 
 
@@ -393,14 +572,26 @@ def sample_question(
 
     Returns None when the scene allows no question of this type outside `exclude`.
     """
+    return _pick_by_answer(rng, scene, candidate_questions(scene, question_type), exclude)
+
+
+def _pick_by_answer(
+    rng: random.Random, scene: Scene, candidates: Sequence[QuestionSpec], exclude: Sequence[QuestionSpec]
+) -> QuestionSpec | None:
     by_answer: dict[str, list[QuestionSpec]] = {}
-    for spec in candidate_questions(scene, question_type):
+    for spec in candidates:
         if spec not in exclude:
             by_answer.setdefault(answer(scene, spec), []).append(spec)
     if not by_answer:
         return None
     chosen_answer = rng.choice(sorted(by_answer))
     return rng.choice(by_answer[chosen_answer])
+
+
+def _choose_type(rng: random.Random, question_types: Sequence[str]) -> str:
+    """A category uniformly among those `question_types` touch, then one of its types there uniformly."""
+    categories = [types for types in QUESTION_CATEGORIES.values() if set(types) & set(question_types)]
+    return rng.choice([question_type for question_type in rng.choice(categories) if question_type in question_types])
 
 
 def sample_example(
@@ -411,23 +602,28 @@ def sample_example(
     max_shapes: int = 4,
     question_types: Sequence[str] = QUESTION_TYPES,
 ) -> tuple[Scene, list[QuestionSpec]]:
-    """One scene and `questions_per_image` distinct questions about it (the first drawn answer first)."""
+    """One scene and `questions_per_image` distinct questions about it (the first drawn answer first).
+
+    Each question's type is drawn by `_choose_type`: a category uniformly, then a type of it, so every category
+    gets about the same share of the questions whatever its number of types.
+    """
     _check_shape_counts(min_shapes, max_shapes)
     if not question_types or any(question_type not in QUESTION_TYPES for question_type in question_types):
         raise ValueError(f"question_types must be a non-empty subset of {list(QUESTION_TYPES)}, got {question_types}.")
     if questions_per_image < 1:
         raise ValueError(f"questions_per_image must be >= 1, got {questions_per_image}.")
     scene, first = sample_scene_and_question(
-        rng, rng.choice(question_types), rng.randint(min_shapes, max_shapes), image_size
+        rng, _choose_type(rng, question_types), min_shapes, max_shapes, image_size
     )
     specs = [first]
+    candidates = {t: candidate_questions(scene, t) for t in question_types} if questions_per_image > 1 else {}
     while len(specs) < questions_per_image:
-        options = [t for t in question_types if any(s not in specs for s in candidate_questions(scene, t))]
+        options = [t for t in question_types if any(spec not in specs for spec in candidates[t])]
         if not options:
             raise ValueError(
                 f"The scene allows fewer than {questions_per_image} distinct questions of {question_types}."
             )
-        specs.append(sample_question(rng, scene, rng.choice(options), exclude=specs))
+        specs.append(_pick_by_answer(rng, scene, candidates[_choose_type(rng, options)], exclude=specs))
     return scene, specs
 
 

@@ -2,6 +2,7 @@
 
     python -m vllm_adsc.bench CHECKPOINT IMAGE [--budgets 192 128 64] [--requests 64] [--kv-cache-mb 64]
         [--output-tokens 32] [--dtype bfloat16] [--load-format dummy]
+    python -m vllm_adsc.bench CHECKPOINT IMAGE --overhead [--batch-sizes 1 16 64 256]   (see `overhead`)
 
 One engine per schedule (stock is the empty schedule, the others re-solve `r` with `with_budget` and reach the model
 through `hf_overrides`), each given the same KV cache memory. All requests (the same image and question, a distinct
@@ -19,6 +20,8 @@ from PIL import Image
 from transformers import AutoConfig
 from vllm import LLM, SamplingParams
 from vllm.distributed import cleanup_dist_env_and_memory
+
+from vllm_adsc import overhead
 
 
 @dataclass
@@ -80,6 +83,32 @@ def run_schedule(name: str, checkpoint: str, schedule: dict, prompt: dict, args:
         cleanup_dist_env_and_memory()
 
 
+def run_overhead(name: str, checkpoint: str, schedule: dict, prompt: dict, args) -> list[overhead.StepCost]:
+    batch_sizes = sorted(args.batch_sizes)
+    llm = LLM(
+        model=checkpoint,
+        trust_remote_code=True,
+        hf_overrides=schedule,
+        dtype=args.dtype,
+        load_format=args.load_format,
+        kv_cache_memory_bytes=int(args.kv_cache_mb * 2**20),
+        block_size=args.block_size,
+        max_model_len=args.max_model_len,
+        max_num_seqs=batch_sizes[-1] + 1,
+        max_num_batched_tokens=batch_sizes[-1] + args.max_model_len,
+        enable_prefix_caching=False,
+        async_scheduling=False,
+        enforce_eager=True,
+        seed=0,
+    )
+    try:
+        return overhead.measure(name, llm, prompt, batch_sizes, args.steps, args.mixed_steps)
+    finally:
+        del llm
+        gc.collect()
+        cleanup_dist_env_and_memory()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m vllm_adsc.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="an ADSC-LLaVA checkpoint folder")
@@ -94,6 +123,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--load-format", default="auto", help="'dummy': random weights built by vLLM")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (always so on the CPU)")
     parser.add_argument("--question", default="What is in the image?")
+    parser.add_argument("--overhead", action="store_true", help="time the host work per step instead (`overhead`)")
+    parser.add_argument("--batch-sizes", type=int, nargs="*", default=[1, 16, 64, 256], help="with --overhead")
+    parser.add_argument("--steps", type=int, default=16, help="with --overhead: decode steps timed per batch size")
+    parser.add_argument("--mixed-steps", type=int, default=4, help="with --overhead: mixed steps timed per size")
     args = parser.parse_args(argv)
     config = AutoConfig.from_pretrained(args.checkpoint, trust_remote_code=True)
     prompt = {
@@ -102,6 +135,11 @@ def main(argv: list[str] | None = None) -> None:
     }
     schedules = [("stock", config.with_budget(None).schedule)]
     schedules += [(f"ADSC {budget:g}", config.with_budget(budget).schedule) for budget in args.budgets]
+    if args.overhead:
+        overhead.print_table(
+            [cost for name, sched in schedules for cost in run_overhead(name, args.checkpoint, sched, prompt, args)]
+        )
+        return
     results = [run_schedule(name, args.checkpoint, schedule, prompt, args) for name, schedule in schedules]
     print(f"{args.requests} requests (one image, {args.output_tokens} output tokens), KV cache {args.kv_cache_mb} MB")
     print(f"{'schedule':<10} {'requests/s':>10} {'tokens/s':>9} {'x stock':>8} {'max running':>11} {'x stock':>8}")

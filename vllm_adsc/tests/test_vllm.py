@@ -234,21 +234,37 @@ def test_llava_7b_stage_groups_and_blocks(reference):
     assert 0.40 < adsc.kv_bytes / stock.kv_bytes < 0.42  # the HF model's cache holds 0.400 of stock's; blocks round up
 
 
-def test_config_hook_selects_the_scheduler_and_refuses_what_stages_cannot_see():
+def test_config_hook_selects_scheduler_and_worker_and_refuses_what_stages_cannot_see():
     from types import SimpleNamespace
 
     from vllm.config import CUDAGraphMode
 
-    from vllm_adsc.kv_cache import SCHEDULER, AdscConfigHook
+    from vllm_adsc.engine import SCHEDULER, WORKERS, AdscConfigHook
 
-    def engine_config(**changes):
+    def engine_config(pruning_layers=(1, 3), text=None, parallel=None, **changes):
         config = SimpleNamespace(
+            model_config=SimpleNamespace(
+                hf_config=SimpleNamespace(
+                    adsc_pruning_layers=list(pruning_layers), text_config=SimpleNamespace(**(text or {}))
+                )
+            ),
             scheduler_config=SimpleNamespace(scheduler_cls=None),
-            compilation_config=SimpleNamespace(cudagraph_mode=None),
+            compilation_config=SimpleNamespace(cudagraph_mode=CUDAGraphMode.FULL_AND_PIECEWISE),
             cache_config=SimpleNamespace(enable_prefix_caching=True),
-            parallel_config=SimpleNamespace(decode_context_parallel_size=1, enable_dbo=False),
+            parallel_config=SimpleNamespace(
+                **{
+                    "pipeline_parallel_size": 1,
+                    "decode_context_parallel_size": 1,
+                    "prefill_context_parallel_size": 1,
+                    "enable_dbo": False,
+                    "worker_cls": "auto",
+                    **(parallel or {}),
+                }
+            ),
             kv_transfer_config=None,
             speculative_config=None,
+            lora_config=None,
+            use_v2_model_runner=False,
         )
         for name, value in changes.items():
             setattr(config, name, value)
@@ -257,12 +273,28 @@ def test_config_hook_selects_the_scheduler_and_refuses_what_stages_cannot_see():
     config = engine_config()
     AdscConfigHook.verify_and_update_config(config)
     assert config.scheduler_config.scheduler_cls == SCHEDULER
-    assert config.compilation_config.cudagraph_mode == CUDAGraphMode.PIECEWISE
-    assert config.cache_config.enable_prefix_caching is False
-    full_graphs = engine_config(compilation_config=SimpleNamespace(cudagraph_mode=CUDAGraphMode.FULL_AND_PIECEWISE))
-    AdscConfigHook.verify_and_update_config(full_graphs)
-    assert full_graphs.compilation_config.cudagraph_mode == CUDAGraphMode.PIECEWISE
+    assert config.parallel_config.worker_cls == WORKERS["cpu"]
+    # Full CUDA graphs and prefix caching stay as the user set them (decode graphs read persistent stage buffers;
+    # blocks before the first image are reused).
+    assert config.compilation_config.cudagraph_mode == CUDAGraphMode.FULL_AND_PIECEWISE
+    assert config.cache_config.enable_prefix_caching is True
+    stock = engine_config(pruning_layers=())
+    AdscConfigHook.verify_and_update_config(stock)  # an empty schedule is vLLM's LLaVA, untouched
+    assert stock.scheduler_config.scheduler_cls is None and stock.parallel_config.worker_cls == "auto"
     with pytest.raises(ValueError, match="--scheduler-cls"):
         AdscConfigHook.verify_and_update_config(engine_config(scheduler_config=SimpleNamespace(scheduler_cls="x.Y")))
-    with pytest.raises(NotImplementedError, match="speculative decoding"):
-        AdscConfigHook.verify_and_update_config(engine_config(speculative_config=object()))
+    with pytest.raises(ValueError, match="--worker-cls"):
+        AdscConfigHook.verify_and_update_config(engine_config(parallel={"worker_cls": "x.Worker"}))
+    refused = {
+        "pipeline parallelism": engine_config(parallel={"pipeline_parallel_size": 2}),
+        "prefill context parallelism": engine_config(parallel={"prefill_context_parallel_size": 2}),
+        "decode context parallelism": engine_config(parallel={"decode_context_parallel_size": 2}),
+        "speculative decoding": engine_config(speculative_config=object()),
+        "LoRA adapters": engine_config(lora_config=object()),
+        "KV transfer connectors": engine_config(kv_transfer_config=object()),
+        "sliding-window attention": engine_config(text={"model_type": "mistral", "sliding_window": 4096}),
+        "VLLM_USE_V2_MODEL_RUNNER=0": engine_config(use_v2_model_runner=True),
+    }
+    for name, config in refused.items():
+        with pytest.raises(NotImplementedError, match=name):
+            AdscConfigHook.verify_and_update_config(config)

@@ -74,14 +74,19 @@ class AdscLlavaMultiModalProcessor(LlavaMultiModalProcessor):
 
     def _validate_mm_placeholders(self, mm_placeholders, mm_item_counts) -> None:
         super()._validate_mm_placeholders(mm_placeholders, mm_item_counts)
-        tokens_per_image = self.info.get_hf_config().image_seq_length
+        config = self.info.get_hf_config()
+        if not config.adsc_pruning_layers:
+            return
+        tokens_per_image = config.image_seq_length
         for placeholder in mm_placeholders.get("image", []):
             if placeholder.length != tokens_per_image or (
                 placeholder.is_embed is not None and not bool(placeholder.is_embed.all())
             ):
                 raise ValueError(
-                    f"ADSC-LLaVA's schedule is set for images of {tokens_per_image} tokens; image "
-                    f"{placeholder.item_idx} of this request has {placeholder.length}."
+                    f"ADSC-LLaVA's schedule is set for images of {tokens_per_image} tokens (image_seq_length), but "
+                    f"image {placeholder.item_idx} has {placeholder.length} placeholder tokens"
+                    + ("" if placeholder.is_embed is None else f", {int(placeholder.is_embed.sum())} of them embeds")
+                    + "."
                 )
 
 
@@ -109,7 +114,7 @@ class AdscLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         self.stage_rows: list[int] = []  # rows each stage computed on in the latest step that ran the forward
         if self.schedule.pruning_layers:
             attention_layers = [layer.self_attn.attn for layer in self.language_model.model.layers]
-            check_model(config, attention_layers)
+            check_model(attention_layers)
             tag_stages(attention_layers, self.schedule, self.stage_inputs)
 
     def forward(
@@ -161,21 +166,13 @@ class AdscLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             final_hidden[rows], final_residual[rows] = hidden, residual
 
 
-def check_model(config, attention_layers: list[Attention]) -> None:
-    """Refuse, by name and at start-up, what the stage plan cannot serve: attention backends whose metadata it does
-    not know, and image token counts other than the processor's."""
+def check_model(attention_layers: list[Attention]) -> None:
+    """Refuse, by name and at start-up, attention backends whose metadata the stage plan does not know. (An image
+    length other than the schedule's is refused by the processor, which the engine runs on a dummy image at start-up,
+    and for each request at admission.)"""
     backend = attention_layers[0].attn_backend.get_name()
     if backend not in SUPPORTED_BACKENDS:
         raise NotImplementedError(
             f"ADSC-LLaVA in vLLM supports the attention backends {', '.join(SUPPORTED_BACKENDS)}, not {backend}: "
             "choose one with --attention-backend."
-        )
-    vision = config.vision_config
-    processor_tokens = (vision.image_size // vision.patch_size) ** 2
-    if config.vision_feature_select_strategy == "full":
-        processor_tokens += 1
-    if processor_tokens != config.image_seq_length:
-        raise NotImplementedError(
-            f"ADSC-LLaVA's schedule is set for images of image_seq_length={config.image_seq_length} tokens, but the "
-            f"vision tower gives {processor_tokens} (image_size {vision.image_size}, patch_size {vision.patch_size})."
         )

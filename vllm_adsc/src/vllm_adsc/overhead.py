@@ -9,8 +9,8 @@ steps until all of them decode, then times:
 Per step it times the engine's host work that the plugin changes or adds: the scheduler (`schedule`,
 `update_from_output`, which run the KV cache managers), the model runner's input preparation (`_prepare_inputs`,
 `_get_slot_mappings`, `_build_attention_metadata`: positions, slot mappings, attention metadata), and the plugin's
-own host work inside the model's forward, if any. The model's compute is not timed. It also counts the host-device
-synchronisations the plugin's code asks for in one step of each kind (`syncs.HostSyncCounter`).
+own hooks among them. The model's compute is not timed (the plugin does no host work in the forward). It also
+counts the host-device synchronisations the plugin's code asks for in one step of each kind (`syncs.HostSyncCounter`).
 """
 
 import statistics
@@ -22,12 +22,13 @@ from vllm import SamplingParams
 
 from vllm_adsc.syncs import HostSyncCounter
 
-# Phase name: (owner, method names) of the host work timed per step.
-RUNNER_METHODS = ("_prepare_inputs", "_get_slot_mappings", "_build_attention_metadata")
+# The host work timed per step: vLLM's scheduler (which runs the KV cache managers, the plugin's stage counts among
+# them) and its model runner's input preparation (which runs the plugin's hooks); of the latter, the plugin's own
+# hooks (the stage plan, the stage inputs' buffer and copy, each stage's metadata fields) also on their own.
 SCHEDULER_METHODS = ("schedule", "update_from_output")
-# The plugin's host work inside the model's forward (planning, per-group metadata), where it has any.
-MODEL_METHODS = ("_plan",)
-STAGE_METADATA_METHODS = ("install",)
+RUNNER_METHODS = ("_prepare_inputs", "_get_slot_mappings", "_build_attention_metadata")
+PLUGIN_RUNNER_METHODS = ("_plan_step", "_send_step")
+PLUGIN_STAGE_INPUTS_METHODS = ("stage_metadata",)
 
 
 class PhaseTimer:
@@ -71,7 +72,8 @@ class StepCost:
 
     @property
     def total(self) -> float:
-        return sum(self.milliseconds.values())
+        """Scheduler and runner (the plugin's hooks run inside the runner's methods)."""
+        return self.milliseconds.get("scheduler", 0.0) + self.milliseconds.get("runner", 0.0)
 
 
 def engine_parts(llm):
@@ -87,9 +89,9 @@ def measure(name: str, llm, prompt: dict, batch_sizes: list[int], steps: int, mi
     timer = PhaseTimer()
     timer.wrap("scheduler", scheduler, SCHEDULER_METHODS)
     timer.wrap("runner", runner, RUNNER_METHODS)
-    timer.wrap("plugin in forward", model, MODEL_METHODS)
-    if hasattr(model, "stage_metadata"):
-        timer.wrap("plugin in forward", model.stage_metadata, STAGE_METADATA_METHODS)
+    timer.wrap("plugin hooks", runner, PLUGIN_RUNNER_METHODS)
+    if hasattr(model, "stage_inputs"):
+        timer.wrap("plugin hooks", model.stage_inputs, PLUGIN_STAGE_INPUTS_METHODS)
     params = SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True, detokenize=False)
     costs, request_index = [], 0
 
@@ -146,8 +148,8 @@ def measure(name: str, llm, prompt: dict, batch_sizes: list[int], steps: int, mi
 
 def print_table(costs: list[StepCost]) -> None:
     stock = {(c.batch_size, c.kind): c for c in costs if c.schedule == "stock"}
-    print("Host ms per engine step (median), outside the model's compute; plugin syncs in one step")
-    header = f"{'schedule':<10} {'B':>4} {'step':<7} {'scheduler':>9} {'runner':>7} {'in fwd':>7} {'total':>7}"
+    print("Host ms per engine step (median), outside the model's compute; the plugin's syncs in one step")
+    header = f"{'schedule':<10} {'B':>4} {'step':<7} {'scheduler':>9} {'runner':>7} {'plugin hooks':>12} {'total':>7}"
     print(f"{header} {'- stock':>8} {'host reads':>10} {'blocking':>8} {'async':>6}")
     for cost in costs:
         base = stock.get((cost.batch_size, cost.kind))
@@ -155,6 +157,6 @@ def print_table(costs: list[StepCost]) -> None:
         ms = cost.milliseconds
         print(
             f"{cost.schedule:<10} {cost.batch_size:>4} {cost.kind:<7} {ms.get('scheduler', 0):>9.3f} "
-            f"{ms.get('runner', 0):>7.3f} {ms.get('plugin in forward', 0):>7.3f} {cost.total:>7.3f} {extra:>8.3f} "
+            f"{ms.get('runner', 0):>7.3f} {ms.get('plugin hooks', 0):>12.3f} {cost.total:>7.3f} {extra:>8.3f} "
             f"{cost.host_reads:>10} {cost.blocking_transfers:>8} {cost.async_transfers:>6}"
         )

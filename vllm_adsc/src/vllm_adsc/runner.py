@@ -57,7 +57,7 @@ class StageBuffers:
         self.host = torch.zeros(self.offset, dtype=torch.uint8, pin_memory=pin)
         self.device = torch.zeros(self.offset, dtype=torch.uint8, device=device)
         host_bytes = self.host.numpy()
-        self.host_views, self.device_views = {}, {}
+        self.host_views, self.device_views, self._device_slices = {}, {}, {}
         for key, (start, dtype, capacity) in self._regions.items():
             self.host_views[key] = host_bytes[start : start + capacity * dtype().itemsize].view(dtype)
             torch_dtype = torch.int32 if dtype is np.int32 else torch.int64
@@ -76,7 +76,12 @@ class StageBuffers:
         return self.host_views[key][:length]
 
     def device_view(self, key: int, length: int) -> torch.Tensor:
-        return self.device_views[key][:length]
+        view = self._device_slices.get((key, length))
+        if view is None:
+            if len(self._device_slices) > 4096:  # steps repeat their sizes (decode); keep the views of recent ones
+                self._device_slices.clear()
+            view = self._device_slices[key, length] = self.device_views[key][:length]
+        return view
 
     def send(self) -> None:
         """Copy what this step wrote to the device: one non-blocking copy."""
@@ -229,15 +234,18 @@ class AdscModelRunnerMixin:
 
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens: np.ndarray):
         prepared = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
+        self._step_plan = self._plan_step(num_scheduled_tokens)
+        return prepared
+
+    def _plan_step(self, num_scheduled_tokens: np.ndarray) -> StepPlan:
         num_reqs = self.input_batch.num_reqs
-        self._step_plan = plan_step(
+        return plan_step(
             self.stage_inputs.schedule,
             self._images_of_batch(self.input_batch.req_ids),
             self.input_batch.num_computed_tokens_cpu[:num_reqs],
             num_scheduled_tokens,
             self.req_indices.np[: int(num_scheduled_tokens.sum())],
         )
-        return prepared
 
     def _get_slot_mappings(self, num_tokens_padded, num_reqs_padded, num_tokens_unpadded, ubatch_slices=None):
         by_group, by_layer = super()._get_slot_mappings(
@@ -278,18 +286,26 @@ class AdscModelRunnerMixin:
                     region = getattr(buffers, name)[stage]
                     buffers.host_view(region, len(values))[:] = values
                     getattr(step, name)[stage] = buffers.device_view(region, len(values))
-        slots = {}
+        slots, addresses = {}, {}
         for group in self.stage_groups:
             stage = self.stage_of_group[group]
             if stage > len(plan.stages):
                 slots[group] = buffers.device_view(buffers.slots[group], 0)
                 continue
-            stage_plan = plan.stages[stage - 1]
+            stage_plan, block_table = plan.stages[stage - 1], self.input_batch.block_table[group]
+            table = block_table.block_table.np
+            if stage not in addresses:
+                # Where each row's slot is, the same for every group of the stage: (block entry, offset in block).
+                block, offset = np.divmod(stage_plan.compact, block_table.block_size)
+                addresses[stage] = (stage_plan.request * table.shape[1] + block, offset)
+            entry, offset = addresses[stage]
             # Steps that keep every row keep the engine's padding rows too (slot -1: no write).
             length = num_tokens_padded if stage_plan.rows is None else stage_plan.num_rows
             host = buffers.host_view(buffers.slots[group], length)
-            block_table = self.input_batch.block_table[group]
-            host[: stage_plan.num_rows] = stage_plan.slot_mapping(block_table.block_table.np, block_table.block_size)
+            rows = host[: stage_plan.num_rows]
+            rows[:] = table.ravel()[entry]
+            rows *= block_table.block_size
+            rows += offset
             host[stage_plan.num_rows :] = -1
             slots[group] = buffers.device_view(buffers.slots[group], length)
         buffers.send()

@@ -84,7 +84,8 @@ class StageBuffers:
         return view
 
     def send(self) -> None:
-        """Copy what this step wrote to the device: one non-blocking copy."""
+        """Copy what this step wrote to the device: one non-blocking copy. It runs inside vLLM's
+        `synchronize_input_prep`, so the next step writes the host buffer only once this copy is done."""
         self.device[: self.used].copy_(self.host[: self.used], non_blocking=True)
         self.used = 0
 

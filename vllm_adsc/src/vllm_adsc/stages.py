@@ -15,6 +15,7 @@ is carried from step to step. The KV cache managers size each stage's blocks wit
 Everything runs on the CPU with numpy, from state the engine holds on the host.
 """
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,15 +78,20 @@ class RequestImages:
 
     Attributes:
         starts: `(m,)`, the first position of each image, ascending.
+        first: the first image's position (`NO_IMAGE` without images).
         end: the position after its last image (0 without images).
         total: `(K + 1,)`, the tokens each stage drops once every image is in.
     """
 
+    NO_IMAGE = 2**62
+
     def __init__(self, schedule: VisionSchedule, image_starts) -> None:
         self.schedule = schedule
         self.starts = np.asarray(sorted(image_starts), dtype=np.int64)
+        self.first = int(self.starts[0]) if len(self.starts) else self.NO_IMAGE
         self.end = int(self.starts[-1]) + schedule.tokens_per_image if len(self.starts) else 0
         self.total = schedule.dropped(self.starts, self.end)
+        self.total_counts = tuple(self.total.tolist())  # the same, as Python ints (`BatchImages.of` reads these)
         self._last: tuple[int, np.ndarray] = (0, schedule.dropped_prefix[:, 0])
 
     @classmethod
@@ -110,7 +116,7 @@ class RequestImages:
         """`(K + 1,)`: how many of the first `num_tokens` tokens each stage drops."""
         if num_tokens >= self.end:
             return self.total
-        if num_tokens <= self.starts[0]:
+        if num_tokens <= self.first:
             return self.schedule.dropped_prefix[:, 0]
         if num_tokens != self._last[0]:
             self._last = (num_tokens, self.schedule.dropped(self.starts, num_tokens))
@@ -127,7 +133,7 @@ class BatchImages:
 
     Attributes:
         requests: each request's `RequestImages`, `(R,)`.
-        first: `(R,)`, each request's first image position (`2**62` without images).
+        first: `(R,)`, each request's first image position (`RequestImages.NO_IMAGE` without images).
         end: `(R,)`, the position after each request's last image.
         total: `(R, K + 1)`, each request's `RequestImages.total`.
     """
@@ -139,10 +145,11 @@ class BatchImages:
 
     @classmethod
     def of(cls, requests: list[RequestImages], num_stages: int) -> "BatchImages":
-        no_image = np.int64(2**62)
-        first = np.fromiter((r.starts[0] if len(r.starts) else no_image for r in requests), np.int64, len(requests))
-        end = np.fromiter((r.end for r in requests), np.int64, len(requests))
-        total = np.stack([r.total for r in requests]) if requests else np.zeros((0, num_stages), np.int64)
+        count = len(requests)
+        first = np.fromiter([r.first for r in requests], np.int64, count)
+        end = np.fromiter([r.end for r in requests], np.int64, count)
+        totals = itertools.chain.from_iterable([r.total_counts for r in requests])
+        total = np.fromiter(totals, np.int64, count * num_stages).reshape(count, num_stages)
         return cls(requests, first, end, total)
 
     def dropped(self, num_tokens: np.ndarray) -> np.ndarray:
@@ -247,34 +254,34 @@ def plan_step(
             for stage in range(1, schedule.num_stages)
         ]
         return StepPlan(stages, drops=False)
-    stages, previous_kept = [], np.ones(len(offsets), dtype=bool)
-    is_vision = offsets >= 0
+    stages, previous_rows = [], np.arange(len(offsets))
+    vision_rows = np.flatnonzero(offsets >= 0)
+    vision_offsets = offsets[vision_rows]
+    kept = np.ones(len(offsets), dtype=bool)
     for stage, alive in enumerate(schedule.alive, start=1):
-        kept = ~is_vision
-        kept[is_vision] = alive[offsets[is_vision]]
+        kept[vision_rows] = alive[vision_offsets]
         rows = np.flatnonzero(kept)
         if len(rows) == 0:
             break
-        dropped_rows = (~kept).astype(np.int64)
-        dropped_in_step = np.bincount(request_of_row, weights=dropped_rows, minlength=len(seq_lens)).astype(np.int64)
-        # Tokens a request dropped earlier in this step, before each row (a request's rows are contiguous).
-        dropped_earlier = np.cumsum(dropped_rows) - dropped_rows
-        dropped_earlier -= dropped_earlier[query_start_loc[:-1]][request_of_row]
         request = request_of_row[rows]
         stage_query_start_loc = np.zeros_like(query_start_loc)
-        np.cumsum(num_scheduled - dropped_in_step, out=stage_query_start_loc[1:])
+        np.cumsum(np.bincount(request, minlength=len(seq_lens)), out=stage_query_start_loc[1:])
+        dropped_in_step = num_scheduled - np.diff(stage_query_start_loc)
+        # Rows the request dropped in this step before each kept row: the rows before it, less the kept ones (a
+        # request's rows are contiguous).
+        dropped_earlier = (rows - query_start_loc[request]) - (np.arange(len(rows)) - stage_query_start_loc[request])
         stages.append(
             StagePlan(
                 stage,
                 rows,
-                np.cumsum(previous_kept)[rows] - 1,
+                np.searchsorted(previous_rows, rows),
                 stage_query_start_loc,
                 seq_lens - before[:, stage] - dropped_in_step,
                 request,
-                positions[rows] - before[request, stage] - dropped_earlier[rows],
+                positions[rows] - before[request, stage] - dropped_earlier,
             )
         )
-        previous_kept = kept
+        previous_rows = rows
     return StepPlan(stages, drops=True)
 
 

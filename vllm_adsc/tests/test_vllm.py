@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 from vllm import LLM, SamplingParams
 from vllm.distributed import cleanup_dist_env_and_memory
+from vllm.platforms import current_platform
 
 import vllm_adsc
 
@@ -484,3 +485,20 @@ def test_tensor_parallel_on_two_cpu_ranks_equals_hf(reference, monkeypatch):
     answers = reference["checkpoints"]["adsc"]
     with engine(answers["path"], tensor_parallel_size=2, distributed_executor_backend="mp") as llm:
         assert compare(answers["answers"], greedy(llm, reference)) == 0
+
+
+@pytest.mark.skipif(not current_platform.is_cuda(), reason="needs vLLM's CUDA build on an NVIDIA GPU")
+def test_full_cuda_graph_decode_equals_eager_on_a_gpu(reference):
+    """On a GPU, decode steps replay full CUDA graphs whose stage lengths and slots are read from the plugin's
+    persistent buffers: the answers must be those of the same engine without graphs (bf16, FLASH_ATTN)."""
+    path, prompts = reference["checkpoints"]["adsc"]["path"], vllm_prompts(reference)
+    params = SamplingParams(temperature=0, max_tokens=16, min_tokens=16)
+    answers = {}
+    for mode, overrides in {
+        "eager": dict(enforce_eager=True),
+        "full": dict(enforce_eager=False, compilation_config={"cudagraph_mode": "FULL_AND_PIECEWISE"}),
+    }.items():
+        with engine(path, **(overrides | dict(dtype="bfloat16"))) as llm:
+            answers[mode] = [list(output.outputs[0].token_ids) for output in llm.generate(prompts, params)]
+        del llm
+    assert answers["full"] == answers["eager"]

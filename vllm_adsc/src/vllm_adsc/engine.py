@@ -15,7 +15,7 @@ from vllm.platforms import current_platform
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from vllm_adsc.kv_cache import STAGE_COORDINATORS, AdscStageManager, StageCounts
+from vllm_adsc.kv_cache import STAGE_COORDINATORS, AdscStageManager, NoNewBlocks, StageCounts
 from vllm_adsc.stages import VisionSchedule
 
 logger = init_logger(__name__)
@@ -37,6 +37,8 @@ class _LendCountsToStageManagers:
             # that asks each stage rather than each group (it adds methods only; its state is unchanged).
             coordinator.__class__ = STAGE_COORDINATORS[type(coordinator)]
             coordinator.use_stage_counts(self.stage_counts)
+        empty = self.kv_cache_manager.empty_kv_cache_blocks
+        self.kv_cache_manager.empty_kv_cache_blocks = NoNewBlocks(empty.blocks)
 
     def _free_request(self, request, *args, **kwargs):
         self.stage_counts.forget(request.request_id)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from vllm.utils.math_utils import cdiv
 from vllm.v1.core.kv_cache_coordinator import HybridKVCacheCoordinator, KVCacheCoordinatorNoPrefixCache
+from vllm.v1.core.kv_cache_manager import KVCacheBlocks
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec, replace_as
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
@@ -77,7 +78,11 @@ class StageCounts:
         """Of a request's first `num_tokens` tokens, how many each stage keeps."""
         latest_id, latest_tokens, kept = self._latest
         if latest_tokens != num_tokens or latest_id != request_id:
-            kept = tuple((num_tokens - self[request_id].dropped(num_tokens)).tolist())
+            images = self[request_id]
+            if num_tokens >= images.end:  # every image in (decode): Python ints, no array
+                kept = tuple(num_tokens - dropped for dropped in images.total_counts)
+            else:
+                kept = tuple((num_tokens - images.dropped(num_tokens)).tolist())
             self._latest = (request_id, num_tokens, kept)
         return kept
 
@@ -127,12 +132,23 @@ class AdscStageManager(FullAttentionManager):
         super().cache_blocks(request, num_tokens, *args, **kwargs)
 
 
+class NoNewBlocks(KVCacheBlocks):
+    """vLLM's shared "no new blocks" answer (`KVCacheManager.empty_kv_cache_blocks`), which the scheduler asks for
+    each running request's new block ids in every step: here without a loop over the 16 groups of a 7B model."""
+
+    def get_block_ids(self, allow_none: bool = False, *, group_ids=None):
+        if allow_none:
+            return None
+        return super().get_block_ids(allow_none, group_ids=group_ids)
+
+
 def _stage_coordinator(base: type) -> type:
     """`base`, a coordinator of vLLM's KV cache groups, asking each stage once per request rather than each group.
 
     The groups of one stage hold the same number of blocks for a request (they are asked for the same tokens at the
-    same times), so a running request's new blocks are counted per stage, and groups are asked to allocate only where
-    their stage crosses a block: vLLM's own loop makes a few calls per group, request and step, which with a 7B
+    same times), so a running request's new blocks are counted per stage, once per step (the count made for
+    `get_num_blocks_to_allocate` is the one `allocate_new_blocks` uses), and groups are asked to allocate only where
+    their stage crosses a block: vLLM's own loops make a few calls per group, request and step, which with a 7B
     model's 16 groups cost more than the rest of the scheduler. Prefix-cache hits and first allocations take vLLM's
     own path.
     """
@@ -145,21 +161,26 @@ def _stage_coordinator(base: type) -> type:
             stages: dict[int, list[int]] = {}
             for index, manager in enumerate(self.single_type_managers):
                 stages.setdefault(manager.kv_cache_spec.stage, []).append(index)
-            # (stage, its groups, the group whose blocks stand for the stage's)
+            # (stage, its groups, the blocks and partial prefix-cache hits of the group that stands for the stage)
+            leaders = {stage: self.single_type_managers[groups[0]] for stage, groups in stages.items()}
             self.stage_groups = [
-                (stage, groups, self.single_type_managers[groups[0]]) for stage, groups in stages.items()
+                (stage, groups, leaders[stage].req_to_blocks, leaders[stage]._partial_hit_reqs)
+                for stage, groups in stages.items()
             ]
             self.block_size = self.single_type_managers[0].block_size
+            self.caches_blocks = any(manager.enable_caching for manager in self.single_type_managers)
+            self.no_new_blocks = tuple(() for _ in self.single_type_managers)
+            self._counted: tuple[str, int, list | None] = ("", -1, None)
 
         def _missing_blocks(self, request_id: str, num_tokens: int) -> list[tuple[list[int], int]] | None:
             """For each stage short of blocks for `num_tokens`, its groups and how many each lacks; None for a
             request's first allocation or one that still has to copy a partly cached block (vLLM's own path)."""
-            kept, missing = self.counts.kept(request_id, num_tokens), []
-            for stage, groups, manager in self.stage_groups:
-                held = manager.req_to_blocks.get(request_id)
-                if not held or request_id in manager._partial_hit_reqs:
+            kept, missing, block_size = self.counts.kept(request_id, num_tokens), [], self.block_size
+            for stage, groups, req_to_blocks, partial_hits in self.stage_groups:
+                held = req_to_blocks.get(request_id)
+                if not held or request_id in partial_hits:
                     return None
-                need = cdiv(kept[stage], self.block_size) - len(held)
+                need = -(-kept[stage] // block_size) - len(held)
                 if need > 0:
                     missing.append((groups, need))
             return missing
@@ -167,18 +188,25 @@ def _stage_coordinator(base: type) -> type:
         def get_num_blocks_to_allocate(
             self, request_id, num_tokens, new_computed_blocks, num_encoder_tokens, *args, **kwargs
         ):
+            self._counted = ("", -1, None)
             if num_encoder_tokens == 0 and not any(new_computed_blocks):
                 missing = self._missing_blocks(request_id, num_tokens)
                 if missing is not None:
+                    self._counted = (request_id, num_tokens, missing)
                     return sum(len(groups) * need for groups, need in missing)
             return super().get_num_blocks_to_allocate(
                 request_id, num_tokens, new_computed_blocks, num_encoder_tokens, *args, **kwargs
             )
 
         def allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model, num_encoder_tokens=0):
-            missing = self._missing_blocks(request_id, num_tokens) if num_tokens == num_tokens_main_model else None
-            if missing is None or num_encoder_tokens:
+            counted_id, counted_tokens, missing = self._counted
+            self._counted = ("", -1, None)
+            if counted_id != request_id or counted_tokens != num_tokens:
+                missing = self._missing_blocks(request_id, num_tokens)
+            if missing is None or num_encoder_tokens or num_tokens != num_tokens_main_model:
                 return super().allocate_new_blocks(request_id, num_tokens, num_tokens_main_model, num_encoder_tokens)
+            if not missing:
+                return self.no_new_blocks  # most decode steps: vLLM reads it as "no new blocks"
             new_blocks = tuple([] for _ in self.single_type_managers)
             for groups, _ in missing:
                 for index in groups:
@@ -188,6 +216,10 @@ def _stage_coordinator(base: type) -> type:
                         )
                     )
             return new_blocks
+
+        def cache_blocks(self, request, num_computed_tokens: int) -> None:
+            if self.caches_blocks:
+                super().cache_blocks(request, num_computed_tokens)
 
         def remove_skipped_blocks(self, *args, **kwargs) -> None:
             return  # full attention skips no token

@@ -47,8 +47,9 @@ class Throughput:
         return self.output_tokens / self.cpu_seconds
 
 
-def run_schedule(name: str, checkpoint: str, schedule: dict, prompt: dict, args: argparse.Namespace) -> Throughput:
-    llm = LLM(
+def make_engine(checkpoint: str, schedule: dict, args: argparse.Namespace, **settings) -> LLM:
+    """A vLLM engine for `schedule` with the bench's KV cache memory, block size, dtype and weights, and `settings`."""
+    return LLM(
         model=checkpoint,
         trust_remote_code=True,
         hf_overrides=schedule,
@@ -57,11 +58,14 @@ def run_schedule(name: str, checkpoint: str, schedule: dict, prompt: dict, args:
         kv_cache_memory_bytes=int(args.kv_cache_mb * 2**20),
         block_size=args.block_size,
         max_model_len=args.max_model_len,
-        max_num_seqs=args.requests,
         enable_prefix_caching=False,
-        enforce_eager=args.enforce_eager,
         seed=0,
+        **settings,
     )
+
+
+def run_schedule(name: str, checkpoint: str, schedule: dict, prompt: dict, args: argparse.Namespace) -> Throughput:
+    llm = make_engine(checkpoint, schedule, args, max_num_seqs=args.requests, enforce_eager=args.enforce_eager)
     try:
         engine = llm.llm_engine
         params = SamplingParams(temperature=0, max_tokens=args.output_tokens, ignore_eos=True)
@@ -95,21 +99,14 @@ def run_schedule(name: str, checkpoint: str, schedule: dict, prompt: dict, args:
 
 def run_overhead(name: str, checkpoint: str, schedule: dict, prompt: dict, args) -> list[overhead.StepCost]:
     batch_sizes = sorted(args.batch_sizes)
-    llm = LLM(
-        model=checkpoint,
-        trust_remote_code=True,
-        hf_overrides=schedule,
-        dtype=args.dtype,
-        load_format=args.load_format,
-        kv_cache_memory_bytes=int(args.kv_cache_mb * 2**20),
-        block_size=args.block_size,
-        max_model_len=args.max_model_len,
+    llm = make_engine(
+        checkpoint,
+        schedule,
+        args,
         max_num_seqs=batch_sizes[-1] + 1,
         max_num_batched_tokens=batch_sizes[-1] + args.max_model_len,
-        enable_prefix_caching=False,
         async_scheduling=False,
         enforce_eager=True,
-        seed=0,
     )
     try:
         return overhead.measure(name, llm, prompt, batch_sizes, args.steps, args.mixed_steps)

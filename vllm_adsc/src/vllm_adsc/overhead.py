@@ -9,8 +9,10 @@ steps until all of them decode, then times:
 Per step it times the engine's host work that the plugin changes or adds: the scheduler (`schedule`,
 `update_from_output`, which run the KV cache managers), the model runner's input preparation (`_prepare_inputs`,
 `_get_slot_mappings`, `_build_attention_metadata`: positions, slot mappings, attention metadata), and the plugin's
-own hooks among them. The model's compute is not timed (the plugin does no host work in the forward). It also
-counts the host-device synchronisations the plugin's code asks for in one step of each kind (`syncs.HostSyncCounter`).
+own hooks among them, in CPU time of the engine's thread (`time.thread_time`: the host work itself, without the
+time a shared machine's other processes keep the thread from a core). The model's compute is not timed (the plugin
+does no host work in the forward). It also counts the host-device synchronisations the plugin's code asks for in one
+step of each kind (`syncs.HostSyncCounter`).
 """
 
 import statistics
@@ -45,11 +47,11 @@ class PhaseTimer:
 
     def _timed(self, phase: str, method):
         def timed(*args, **kwargs):
-            started = time.perf_counter()
+            started = time.thread_time()
             try:
                 return method(*args, **kwargs)
             finally:
-                self.seconds[phase] += time.perf_counter() - started
+                self.seconds[phase] += time.thread_time() - started
 
         return timed
 
@@ -148,7 +150,7 @@ def measure(name: str, llm, prompt: dict, batch_sizes: list[int], steps: int, mi
 
 def print_table(costs: list[StepCost]) -> None:
     stock = {(c.batch_size, c.kind): c for c in costs if c.schedule == "stock"}
-    print("Host ms per engine step (median), outside the model's compute; the plugin's syncs in one step")
+    print("Host CPU ms per engine step (median), outside the model's compute; the plugin's syncs in one step")
     header = f"{'schedule':<10} {'B':>4} {'step':<7} {'scheduler':>9} {'runner':>7} {'plugin hooks':>12} {'total':>7}"
     print(f"{header} {'- stock':>8} {'host reads':>10} {'blocking':>8} {'async':>6}")
     for cost in costs:

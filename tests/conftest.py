@@ -151,3 +151,24 @@ def run_fresh_process(script: str, workdir: Path, request: dict, timeout_s: floa
     if completed.returncode != 0:
         pytest.fail(f"The fresh process failed (exit {completed.returncode}):\n{completed.stderr[-4000:]}")
     return json.loads((workdir / "report.json").read_text())
+
+
+# The vLLM plugin's suite runs in its own environment as a background job (tests/test_vllm_plugin.py): started when
+# collection ends, collected by its test, which runs last. Under pytest-xdist every worker collects every test, so
+# there the test starts the job itself.
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.path.name == "test_vllm_plugin.py")
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    if "PYTEST_XDIST_WORKER" in os.environ or session.config.option.collectonly:
+        return
+    if any(item.path.name == "test_vllm_plugin.py" for item in session.items):
+        from test_vllm_plugin import PLUGIN_SUITE
+
+        PLUGIN_SUITE.start()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if "test_vllm_plugin" in sys.modules:
+        sys.modules["test_vllm_plugin"].PLUGIN_SUITE.stop()

@@ -1,22 +1,22 @@
 """The stage plan of one engine step against a naive reference that replays whole requests token by token.
 
-Runs in the project's environment too (`stages` needs only torch): `.ci/run` collects this file.
+Runs in the project's environment too (`stages` needs only numpy): `.ci/run` collects this file.
 """
 
 import random
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from configuration_adsc_llava import AdscLlavaConfig, uniform_keep_positions  # noqa: E402
-from vllm_adsc.stages import Progress, RequestProgress, VisionSchedule, image_offsets, plan_stages  # noqa: E402
+from vllm_adsc.stages import BatchImages, RequestImages, VisionSchedule, plan_step  # noqa: E402
 
-IMAGE = 7  # placeholder id
 BLOCK = 4  # tokens per KV block
 
 
@@ -25,7 +25,6 @@ def schedule_for(tokens_per_image: int, pruning_layers: list[int], drop_ratio: f
         {
             "text_config": {"num_hidden_layers": 8},
             "image_seq_length": tokens_per_image,
-            "image_token_index": IMAGE,
             "adsc_pruning_layers": pruning_layers,
             "adsc_drop_ratio": drop_ratio,
         }
@@ -33,26 +32,19 @@ def schedule_for(tokens_per_image: int, pruning_layers: list[int], drop_ratio: f
     return VisionSchedule.from_config(config)
 
 
-def naive_kept_positions(token_ids: list[int], tokens_per_image: int, num_stages: int, drop_ratio: float):
-    """For each stage, the positions of a whole sequence its layers see: HF's rule, one image at a time."""
-    kept_by_stage = []
-    # Runs of placeholders hold whole images back to back.
-    images, position = [], 0
-    while position < len(token_ids):
-        if token_ids[position] == IMAGE:
-            images.append(list(range(position, position + tokens_per_image)))
-            position += tokens_per_image
-        else:
-            position += 1
-    alive_images = images
+def naive_kept_positions(length: int, image_starts: list[int], tokens_per_image: int, num_stages: int, ratio: float):
+    """For each stage after the first, the positions of a request's first `length` tokens its layers see: HF's rule,
+    one whole image at a time, then cut at `length`."""
+    images = [list(range(start, start + tokens_per_image)) for start in image_starts]
     vision = {p for image in images for p in image}
+    kept_by_stage, alive_images = [], images
     for _ in range(num_stages):
         alive_images = [
-            [image[i] for i in uniform_keep_positions(len(image), int((1 - drop_ratio) * len(image)))]
+            [image[i] for i in uniform_keep_positions(len(image), int((1 - ratio) * len(image)))]
             for image in alive_images
         ]
         alive = {p for image in alive_images for p in image}
-        kept_by_stage.append([p for p in range(len(token_ids)) if p not in vision or p in alive])
+        kept_by_stage.append([p for p in range(length) if p not in vision or p in alive])
     return kept_by_stage
 
 
@@ -69,87 +61,108 @@ def test_surviving_offsets_follow_the_counts_of_the_schedule():
         AdscLlavaConfig.from_dict({**config.to_dict(), "adsc_keep_policy": "fastv"}).surviving_vision_offsets()
 
 
-def test_image_offsets_split_runs_into_images_and_continue_a_cut_image():
-    ids = torch.tensor([1, IMAGE, IMAGE, IMAGE, IMAGE, IMAGE, IMAGE, IMAGE, IMAGE, 3, IMAGE, IMAGE, IMAGE, IMAGE])
-    offsets, open_after = image_offsets(ids == IMAGE, torch.tensor([0, 10, 14]), torch.tensor([0, 0]), 4)
-    assert offsets.tolist() == [-1, 0, 1, 2, 3, 0, 1, 2, 3, -1, 0, 1, 2, 3] and open_after.tolist() == [0, 0]
-    # A step that ends two tokens into the second image, then the step that finishes it.
-    offsets, open_after = image_offsets(ids[:7] == IMAGE, torch.tensor([0, 7]), torch.tensor([0]), 4)
-    assert offsets[5:].tolist() == [0, 1] and open_after.tolist() == [2]
-    offsets, open_after = image_offsets(ids[7:10] == IMAGE, torch.tensor([0, 3]), open_after, 4)
-    assert offsets.tolist() == [2, 3, -1] and open_after.tolist() == [0]
-    with pytest.raises(ValueError, match="went on with text"):
-        image_offsets(ids[9:] == IMAGE, torch.tensor([0, 5]), torch.tensor([2]), 4)
-    with pytest.raises(ValueError, match="not a whole number of images"):
-        image_offsets(ids[2:] == IMAGE, torch.tensor([0, 12]), torch.tensor([0]), 4)
-
-
-@pytest.mark.parametrize("seed", range(6))
-def test_plans_of_concurrent_requests_match_a_whole_sequence_replay(seed):
-    """Requests of different lengths with 0-2 images, prefilled in chunks (cut anywhere) then decoded, share steps."""
-    rng = random.Random(seed)
-    tokens_per_image, layers, drop_ratio = rng.choice([(4, [1, 3], 0.5), (9, [2], 0.6), (6, [1, 2, 5], 0.34)])
-    schedule = schedule_for(tokens_per_image, layers, drop_ratio)
+def random_requests(rng: random.Random, tokens_per_image: int, cached_prefix: bool) -> list[dict]:
     requests = []
     for _request in range(4):
-        ids = [rng.randint(10, 20) for _ in range(rng.randint(1, 4))]
-        for _ in range(rng.randint(0, 2)):
-            ids += [IMAGE] * tokens_per_image + [rng.randint(10, 20) for _ in range(rng.randint(0 if _ else 1, 3))]
-        # Prefill in up to three chunks, cut anywhere (images too); then 3 decode steps of one text token.
-        boundaries = sorted({rng.randint(1, len(ids)) for _ in range(2)} | {len(ids)})
-        chunks = [b - a for a, b in zip([0, *boundaries], boundaries, strict=False) if b > a] + [1, 1, 1]
-        ids += [rng.randint(10, 20) for _ in range(3)]
-        blocks = rng.sample(range(100), len(ids) // BLOCK + 1)
-        requests.append({"ids": ids, "chunks": chunks, "blocks": blocks, "done": 0})
-    progress = RequestProgress(len(layers))
+        length, starts = rng.randint(1, 4), []
+        for index in range(rng.randint(0, 2)):
+            starts.append(length)
+            length += tokens_per_image + rng.randint(0 if index else 1, 3)  # back-to-back images, text between
+        # A prefix-cache hit ends before the first image (and before the last prompt token).
+        limit = min(starts[0] if starts else length - 1, length - 1)
+        done = rng.randint(0, limit) if cached_prefix and limit > 0 else 0
+        # Prefill the rest in up to three chunks, cut anywhere (images too); then 3 decode steps of one text token.
+        cuts = sorted({rng.randint(done + 1, length) for _ in range(2)} | {length})
+        chunks = [b - a for a, b in zip([done, *cuts], cuts, strict=False) if b > a] + [1, 1, 1]
+        blocks = rng.sample(range(100), (length + 3) // BLOCK + 1)
+        requests.append({"starts": starts, "chunks": chunks, "blocks": blocks, "done": done})
+    return requests
+
+
+@pytest.mark.parametrize("cached_prefix", [False, True])
+@pytest.mark.parametrize("seed", range(6))
+def test_plans_of_concurrent_requests_match_a_whole_sequence_replay(seed, cached_prefix):
+    """Requests of different lengths with 0-2 images, prefilled in chunks (cut anywhere), from a cached prefix or
+    not, then decoded, share steps. Each stage's rows, compact slots, query and sequence lengths are the naive
+    replay's, and each stage's cache length is what the KV managers allocate for (`RequestImages.kept`)."""
+    rng = random.Random(seed)
+    tokens_per_image, layers, ratio = rng.choice([(4, [1, 3], 0.5), (9, [2], 0.6), (6, [1, 2, 5], 0.34)])
+    schedule = schedule_for(tokens_per_image, layers, ratio)
+    requests = random_requests(rng, tokens_per_image, cached_prefix)
+    for r in requests:
+        r["images"] = RequestImages(schedule, r["starts"])
     while any(r["chunks"] for r in requests):
         waiting = [r for r in requests if r["chunks"]]
         step = [r for r in waiting if rng.random() < 0.8] or waiting[:1]
-        input_ids, positions, query_lens = [], [], []
-        for r in step:
-            n = r["chunks"].pop(0)
-            input_ids += r["ids"][r["done"] : r["done"] + n]
-            positions += list(range(r["done"], r["done"] + n))
-            query_lens.append(n)
-            r["done"] += n
-        width = max(len(r["blocks"]) for r in step)
-        block_table = torch.tensor([r["blocks"] + [0] * (width - len(r["blocks"])) for r in step])
-        first_blocks = block_table[:, 0].tolist()
-        query_start_loc = torch.tensor([0, *torch.cumsum(torch.tensor(query_lens), 0).tolist()])
-        starts = [positions[int(q)] for q in query_start_loc[:-1]]
-        plans, after = plan_stages(
-            torch.tensor(input_ids) == IMAGE,
-            torch.tensor(positions),
-            query_start_loc,
-            torch.tensor([r["done"] for r in step]),
-            progress.before(first_blocks, starts),
-            schedule,
+        num_computed = np.array([r["done"] for r in step])
+        num_scheduled = np.array([r["chunks"].pop(0) for r in step])
+        plan = plan_step(
+            schedule, BatchImages.of([r["images"] for r in step], len(layers) + 1), num_computed, num_scheduled
         )
-        progress.update(first_blocks, after)
-        previous = torch.arange(len(input_ids))
-        for stage, plan in enumerate(plans):
-            assert plan.stage == stage + 1 and torch.equal(previous[plan.from_previous], plan.step_rows)
-            previous = plan.step_rows
-            expected_rows, expected_slots, expected_lens = [], [], []
+        width = max(len(r["blocks"]) for r in step)
+        block_table = np.array([r["blocks"] + [0] * (width - len(r["blocks"])) for r in step])
+        query_start_loc = np.concatenate([[0], np.cumsum(num_scheduled)])
+        previous = np.arange(int(num_scheduled.sum()))
+        drops = False
+        for stage in range(1, len(layers) + 1):
+            expected_rows, expected_slots, expected_lens, expected_query = [], [], [], [0]
             for index, r in enumerate(step):
-                kept = naive_kept_positions(r["ids"][: r["done"]], tokens_per_image, len(layers), drop_ratio)[stage]
-                start = r["done"] - query_lens[index]
+                end = r["done"] + num_scheduled[index]
+                kept = naive_kept_positions(end, r["starts"], tokens_per_image, len(layers), ratio)[stage - 1]
                 for compact, position in enumerate(kept):
-                    if position >= start:
-                        expected_rows.append(int(query_start_loc[index]) + position - start)
+                    if position >= r["done"]:
+                        expected_rows.append(int(query_start_loc[index]) + position - r["done"])
                         block, offset = divmod(compact, BLOCK)
                         expected_slots.append(r["blocks"][block] * BLOCK + offset)
                 expected_lens.append(len(kept))
-            assert plan.step_rows.tolist() == expected_rows
-            assert plan.slot_mapping(block_table, BLOCK).tolist() == expected_slots
-            assert plan.seq_lens.tolist() == expected_lens
-            assert plan.query_start_loc[-1] == len(expected_rows)
+                expected_query.append(len(expected_rows))
+                assert r["images"].kept(int(end), stage) == len(kept)
+            drops |= len(expected_rows) < query_start_loc[-1]
+            if not expected_rows:  # every row dropped: this stage and the deeper ones do not run
+                assert len(plan.stages) == stage - 1
+                break
+            stage_plan = plan.stages[stage - 1]
+            assert stage_plan.stage == stage
+            rows = np.arange(query_start_loc[-1]) if stage_plan.rows is None else stage_plan.rows
+            assert rows.tolist() == expected_rows
+            if stage_plan.from_previous is not None:
+                assert previous[stage_plan.from_previous].tolist() == expected_rows
+            assert stage_plan.slot_mapping(block_table, BLOCK).tolist() == expected_slots
+            assert stage_plan.seq_lens.tolist() == expected_lens
+            assert stage_plan.query_start_loc.tolist() == expected_query
+            previous = rows
+        assert plan.drops == drops
+        for r, scheduled in zip(step, num_scheduled, strict=True):
+            r["done"] += int(scheduled)
 
 
-def test_a_new_request_on_a_reused_block_starts_from_nothing():
-    progress = RequestProgress(2)
-    progress.update([5], Progress(torch.tensor([[3, 4]]), torch.tensor([2])))
-    before = progress.before([5, 6], [10, 0])
-    assert before.dropped.tolist() == [[3, 4], [0, 0]] and before.open_image_tokens.tolist() == [2, 0]
-    before = progress.before([5], [0])  # block 5 now starts another request
-    assert before.dropped.tolist() == [[0, 0]] and before.open_image_tokens.tolist() == [0]
+def test_a_step_of_only_dropped_image_tokens_plans_no_empty_stage():
+    """The last chunk of a prompt that ends with its image can hold only tokens a stage drops: that stage and the
+    deeper ones get no plan (their layers do not run), rather than a plan of zero rows (a zero-row kernel launch kills
+    a GPU engine)."""
+    schedule = schedule_for(4, [1, 3], 0.5)  # stage 1 keeps offsets 1 and 3 of each image, stage 2 offset 3
+    assert schedule.alive.nonzero()[1].tolist() == [1, 3, 3]
+    images = BatchImages.of([RequestImages(schedule, [2])], 3)
+    plan = plan_step(schedule, images, np.array([4]), np.array([1]))  # only offset 2
+    assert plan.drops and plan.stages == []
+    plan = plan_step(schedule, images, np.array([3]), np.array([2]))  # offsets 1 and 2: stage 2 keeps neither
+    assert plan.drops and [stage.rows.tolist() for stage in plan.stages] == [[0]]
+
+
+def test_request_images_are_whole_images_of_the_schedule():
+    schedule = schedule_for(4, [1], 0.5)
+
+    def feature(modality="image", offset=3, length=4, is_embed=None):
+        return SimpleNamespace(
+            modality=modality, mm_position=SimpleNamespace(offset=offset, length=length, is_embed=is_embed)
+        )
+
+    images = RequestImages.from_features(schedule, [feature(offset=9), feature()])
+    assert images.starts.tolist() == [3, 9] and images.end == 13
+    assert [images.kept(n, 1) for n in (3, 5, 7, 13, 20)] == [3, 4, 5, 9, 16]
+    with pytest.raises(ValueError, match="images of 4 placeholder tokens, got a image of 5"):
+        RequestImages.from_features(schedule, [feature(length=5)])
+    with pytest.raises(ValueError, match="got a video"):
+        RequestImages.from_features(schedule, [feature(modality="video")])
+    with pytest.raises(ValueError, match="every image placeholder token"):
+        RequestImages.from_features(schedule, [feature(is_embed=np.array([True, False, True, True]))])

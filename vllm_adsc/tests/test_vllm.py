@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 from vllm import LLM, SamplingParams
 from vllm.distributed import cleanup_dist_env_and_memory
+from vllm.platforms import current_platform
 
 import vllm_adsc
 
@@ -28,8 +29,9 @@ def engine(path: str, **overrides):
         limit_mm_per_prompt={"image": 2},
         seed=0,
     )
-    llm = LLM(model=path, trust_remote_code=True, **(options | overrides))
+    llm = None
     try:
+        llm = LLM(model=path, trust_remote_code=True, **(options | overrides))
         yield llm
     finally:
         del llm
@@ -234,21 +236,37 @@ def test_llava_7b_stage_groups_and_blocks(reference):
     assert 0.40 < adsc.kv_bytes / stock.kv_bytes < 0.42  # the HF model's cache holds 0.400 of stock's; blocks round up
 
 
-def test_config_hook_selects_the_scheduler_and_refuses_what_stages_cannot_see():
+def test_config_hook_selects_scheduler_and_worker_and_refuses_what_stages_cannot_see():
     from types import SimpleNamespace
 
     from vllm.config import CUDAGraphMode
 
-    from vllm_adsc.kv_cache import SCHEDULER, AdscConfigHook
+    from vllm_adsc.engine import SCHEDULER, WORKERS, AdscConfigHook
 
-    def engine_config(**changes):
+    def engine_config(pruning_layers=(1, 3), text=None, parallel=None, **changes):
         config = SimpleNamespace(
+            model_config=SimpleNamespace(
+                hf_config=SimpleNamespace(
+                    adsc_pruning_layers=list(pruning_layers), text_config=SimpleNamespace(**(text or {}))
+                )
+            ),
             scheduler_config=SimpleNamespace(scheduler_cls=None),
-            compilation_config=SimpleNamespace(cudagraph_mode=None),
+            compilation_config=SimpleNamespace(cudagraph_mode=CUDAGraphMode.FULL_AND_PIECEWISE),
             cache_config=SimpleNamespace(enable_prefix_caching=True),
-            parallel_config=SimpleNamespace(decode_context_parallel_size=1, enable_dbo=False),
+            parallel_config=SimpleNamespace(
+                **{
+                    "pipeline_parallel_size": 1,
+                    "decode_context_parallel_size": 1,
+                    "prefill_context_parallel_size": 1,
+                    "enable_dbo": False,
+                    "worker_cls": "auto",
+                    **(parallel or {}),
+                }
+            ),
             kv_transfer_config=None,
             speculative_config=None,
+            lora_config=None,
+            use_v2_model_runner=False,
         )
         for name, value in changes.items():
             setattr(config, name, value)
@@ -257,12 +275,230 @@ def test_config_hook_selects_the_scheduler_and_refuses_what_stages_cannot_see():
     config = engine_config()
     AdscConfigHook.verify_and_update_config(config)
     assert config.scheduler_config.scheduler_cls == SCHEDULER
-    assert config.compilation_config.cudagraph_mode == CUDAGraphMode.PIECEWISE
-    assert config.cache_config.enable_prefix_caching is False
-    full_graphs = engine_config(compilation_config=SimpleNamespace(cudagraph_mode=CUDAGraphMode.FULL_AND_PIECEWISE))
-    AdscConfigHook.verify_and_update_config(full_graphs)
-    assert full_graphs.compilation_config.cudagraph_mode == CUDAGraphMode.PIECEWISE
+    assert config.parallel_config.worker_cls == WORKERS["cpu"]
+    # Full CUDA graphs and prefix caching stay as the user set them (decode graphs read persistent stage buffers;
+    # blocks before the first image are reused).
+    assert config.compilation_config.cudagraph_mode == CUDAGraphMode.FULL_AND_PIECEWISE
+    assert config.cache_config.enable_prefix_caching is True
+    stock = engine_config(pruning_layers=())
+    AdscConfigHook.verify_and_update_config(stock)  # an empty schedule is vLLM's LLaVA, untouched
+    assert stock.scheduler_config.scheduler_cls is None and stock.parallel_config.worker_cls == "auto"
     with pytest.raises(ValueError, match="--scheduler-cls"):
         AdscConfigHook.verify_and_update_config(engine_config(scheduler_config=SimpleNamespace(scheduler_cls="x.Y")))
-    with pytest.raises(NotImplementedError, match="speculative decoding"):
-        AdscConfigHook.verify_and_update_config(engine_config(speculative_config=object()))
+    with pytest.raises(ValueError, match="--worker-cls"):
+        AdscConfigHook.verify_and_update_config(engine_config(parallel={"worker_cls": "x.Worker"}))
+    refused = {
+        "pipeline parallelism": engine_config(parallel={"pipeline_parallel_size": 2}),
+        "prefill context parallelism": engine_config(parallel={"prefill_context_parallel_size": 2}),
+        "decode context parallelism": engine_config(parallel={"decode_context_parallel_size": 2}),
+        "speculative decoding": engine_config(speculative_config=object()),
+        "LoRA adapters": engine_config(lora_config=object()),
+        "KV transfer connectors": engine_config(kv_transfer_config=object()),
+        "sliding-window attention": engine_config(text={"model_type": "mistral", "sliding_window": 4096}),
+        "VLLM_USE_V2_MODEL_RUNNER=0": engine_config(use_v2_model_runner=True),
+    }
+    for name, config in refused.items():
+        with pytest.raises(NotImplementedError, match=name):
+            AdscConfigHook.verify_and_update_config(config)
+
+
+def engine_parts(llm: LLM):
+    from vllm_adsc.overhead import engine_parts
+
+    return engine_parts(llm)
+
+
+def test_steps_ask_for_no_host_sync(reference):
+    """By construction, for a GPU: the plugin's code reads no tensor on the host and sends each step's stage inputs
+    with one non-blocking copy, in a step that drops tokens (an image prefill) and in a decode step."""
+    from vllm_adsc.syncs import HostSyncCounter
+
+    with engine(reference["checkpoints"]["adsc"]["path"]) as llm:
+        _, _, model = engine_parts(llm)
+        llm.llm_engine.add_request("0", vllm_prompts(reference)[0], SamplingParams(max_tokens=3))
+        for kind in ("prefill", "decode"):
+            with HostSyncCounter() as counter:
+                llm.llm_engine.step()
+            assert model.stage_rows[-1] < model.stage_rows[0] if kind == "prefill" else len(set(model.stage_rows)) == 1
+            assert not counter.host_reads and not counter.blocking_transfers, (kind, counter.host_reads)
+            assert sum(counter.async_transfers.values()) == 1, (kind, counter.async_transfers)
+
+
+def test_preempted_requests_recompute_to_hf_answers_and_free_every_block(reference, monkeypatch):
+    """A KV cache too small for all prompts at once preempts requests mid-answer; recomputed, they still answer as
+    HF does, and once all are done (or aborted) every block is back in the pool."""
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE")  # it would override kv_cache_memory_bytes
+    answers = reference["checkpoints"]["adsc"]
+    options = dict(kv_cache_memory_bytes=SMALL_KV_CACHE_BYTES, max_model_len=128, block_size=32)
+    with engine(answers["path"], **options) as llm:
+        scheduler, _, _ = engine_parts(llm)
+        free_at_start = scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
+        preempt, preempted = scheduler._preempt_request, []
+        scheduler._preempt_request = lambda request, *args, **kwargs: (
+            preempted.append(request.request_id),
+            preempt(request, *args, **kwargs),
+        )[1]
+        assert compare(answers["answers"], greedy(llm, reference)) == 0
+        assert preempted, "the KV cache held every request: nothing was preempted"
+        assert scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == free_at_start
+        for index, prompt in enumerate(vllm_prompts(reference)):
+            llm.llm_engine.add_request(f"aborted-{index}", prompt, SamplingParams(max_tokens=8))
+        llm.llm_engine.step()
+        llm.llm_engine.abort_request([f"aborted-{index}" for index in range(len(reference["prompts"]))])
+        while llm.llm_engine.has_unfinished_requests():
+            llm.llm_engine.step()
+        assert scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == free_at_start
+
+
+# fp32, 2 KV heads of 32, one layer per group: 16 KiB a block of 32 tokens per group. 20 blocks: one request of
+# max_model_len=128 tokens fits (4 blocks in each of the 4 groups), the six prompts together do not.
+SMALL_KV_CACHE_BYTES = 20 * 16 * 1024
+
+
+def test_steps_whose_rows_a_stage_drops_entirely_equal_hf(reference):
+    """Chunks of 3 tokens: some chunks hold only image tokens that the last stage drops, so its layers do not run in
+    that step (no zero-row kernel launch), and the answers are still HF's."""
+    answers = reference["checkpoints"]["adsc"]
+    with engine(answers["path"], max_num_batched_tokens=3, max_num_seqs=1, block_size=32) as llm:
+        _, _, model = engine_parts(llm)
+        llm.llm_engine.add_request("0", vllm_prompts(reference)[0], greedy_params(reference))
+        stages_run, outputs = set(), []
+        while llm.llm_engine.has_unfinished_requests():
+            outputs += [o for o in llm.llm_engine.step() if o.finished]
+            stages_run.add(len(model.stage_rows))
+    assert stages_run == {2, 3}  # stages that ran: all three, or the first two
+    assert compare(answers["answers"][:1], outputs) == 0
+
+
+def greedy_params(reference: dict) -> SamplingParams:
+    new_tokens = reference["new_tokens"]
+    return SamplingParams(temperature=0, max_tokens=new_tokens, min_tokens=new_tokens, logprobs=TOP_LOGPROBS)
+
+
+def test_prefix_cache_reuses_the_text_before_the_first_image(reference):
+    """With prefix caching on, a request reuses the blocks of a shared system text that come before its first
+    image, and a prompt sent again reuses them too (a text-only one: every full block but the last token's); the
+    answers and log-probabilities are those of an engine without prefix caching."""
+    block_size = 32
+    system = "describe the picture . " * 20  # 80 words before the image
+    image = vllm_prompts(reference)[0]["multi_modal_data"]
+    prompts = [
+        {"prompt": f"USER: {system}<image>\nwhat color is the shape ? ASSISTANT:", "multi_modal_data": image},
+        {"prompt": f"USER: {system}{'what is in the image ? ' * 8}ASSISTANT:"},
+    ]
+    params, path = greedy_params(reference), reference["checkpoints"]["adsc"]["path"]
+    with engine(path, block_size=block_size) as llm:
+        uncached = llm.generate(prompts, params, use_tqdm=False)
+    del llm  # the engine is shut down inside engine(); this name must not keep it until the next one starts
+    with engine(path, enable_prefix_caching=True, block_size=block_size) as llm:
+        one_by_one = [llm.generate([prompt], params, use_tqdm=False)[0] for prompt in prompts]
+        again = llm.generate(prompts, params, use_tqdm=False)
+        image_token = llm.llm_engine.model_config.hf_config.image_token_index
+    before_image = uncached[0].prompt_token_ids.index(image_token) // block_size * block_size
+    text_only = (len(uncached[1].prompt_token_ids) - 1) // block_size * block_size
+    assert before_image >= 64 and text_only > before_image
+    assert [output.num_cached_tokens for output in one_by_one] == [0, before_image]  # the shared system text
+    assert [output.num_cached_tokens for output in again] == [before_image, text_only]
+    for outputs in (one_by_one, again):
+        for cached, reference_output in zip(outputs, uncached, strict=True):
+            tokens = reference_output.outputs[0].token_ids
+            assert cached.outputs[0].token_ids == tokens
+            for step, token in enumerate(tokens):
+                assert cached.outputs[0].logprobs[step][token].logprob == pytest.approx(
+                    reference_output.outputs[0].logprobs[step][token].logprob, abs=1e-4
+                )
+
+
+def test_decode_steps_read_stage_inputs_from_fixed_buffers(reference):
+    """What lets a decode step replay a full CUDA graph: each stage's sequence lengths and each stage group's slots
+    are read from the same device memory in every step, whatever the batch."""
+    with engine(reference["checkpoints"]["adsc"]["path"]) as llm:
+        _, _, model = engine_parts(llm)
+        buffers = model.stage_inputs.buffers
+        stage_layer = next(layer for layer in model.language_model.model.layers if layer.self_attn.attn.adsc_stage > 0)
+        layer_name = stage_layer.self_attn.attn.layer_name
+        forward, seen = model.forward, []
+
+        def recording_forward(*args, **kwargs):
+            from vllm.forward_context import get_forward_context
+
+            context = get_forward_context()
+            seen.append(
+                (
+                    model.stage_inputs.step.plan.drops,
+                    context.attn_metadata[layer_name].seq_lens.data_ptr(),
+                    context.slot_mapping[layer_name].data_ptr(),
+                )
+            )
+            return forward(*args, **kwargs)
+
+        model.forward = recording_forward
+        prompts = vllm_prompts(reference)
+        llm.generate(prompts[:2], SamplingParams(max_tokens=4), use_tqdm=False)
+        llm.generate(prompts, SamplingParams(max_tokens=4), use_tqdm=False)
+    stage = stage_layer.self_attn.attn.adsc_stage
+    seq_lens_ptr = buffers.device_views[buffers.seq_lens[stage]].data_ptr()
+    decode = [(seq_lens, slots) for drops, seq_lens, slots in seen if not drops]
+    assert len(decode) >= 6 and {seq_lens for seq_lens, _ in decode} == {seq_lens_ptr}
+    assert len({slots for _, slots in decode}) == 1
+
+
+def test_engine_refuses_image_lengths_the_schedule_was_not_made_for(reference):
+    """The processor refuses an image placeholder of another length than the schedule's, which an inconsistent
+    checkpoint makes already at start-up (the engine profiles with a dummy image)."""
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+    from vllm.multimodal.processing.processor import PlaceholderFeaturesInfo
+
+    path = reference["checkpoints"]["adsc"]["path"]
+    with pytest.raises(Exception, match="set for images of 30 tokens .image_seq_length., but image 0 has 36"):
+        with engine(path, hf_overrides={"image_seq_length": 30}):
+            pass
+    with engine(path) as llm:
+        processor = MULTIMODAL_REGISTRY.create_processor(llm.llm_engine.model_config)
+    image = PlaceholderFeaturesInfo(modality="image", item_idx=0, start_idx=2, tokens=[0] * 30, is_embed=None)
+    with pytest.raises(ValueError, match="images of 36 tokens .image_seq_length., but image 0 has 30"):
+        processor._validate_mm_placeholders({"image": [image]}, {"image": 1})
+
+
+def test_runner_refuses_kernel_blocks_smaller_than_cache_blocks():
+    """A backend that splits cache blocks into kernel blocks would misplace every packed stage: refused at start."""
+    from types import SimpleNamespace
+
+    import torch
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from vllm_adsc.kv_cache import AdscStageSpec
+    from vllm_adsc.runner import AdscModelRunnerMixin
+
+    spec = AdscStageSpec.from_spec(
+        FullAttentionSpec(block_size=32, num_kv_heads=2, head_size=32, dtype=torch.float32), stage=1
+    )
+    config = SimpleNamespace(kv_cache_groups=[SimpleNamespace(kv_cache_spec=spec)])
+    with pytest.raises(NotImplementedError, match="--block-size 16"):
+        AdscModelRunnerMixin.initialize_metadata_builders(SimpleNamespace(), config, [16])
+
+
+def test_tensor_parallel_on_two_cpu_ranks_equals_hf(reference, monkeypatch):
+    """Two tensor-parallel ranks (one attention head each) plan the same stages and answer as HF does."""
+    # One core per rank: vLLM binds each CPU worker's threads to its own NUMA node unless told which cores to use.
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    answers = reference["checkpoints"]["adsc"]
+    with engine(answers["path"], tensor_parallel_size=2, distributed_executor_backend="mp") as llm:
+        assert compare(answers["answers"], greedy(llm, reference)) == 0
+
+
+@pytest.mark.skipif(not current_platform.is_cuda(), reason="needs vLLM's CUDA build on an NVIDIA GPU")
+def test_full_cuda_graph_decode_equals_eager_on_a_gpu(reference):
+    """On a GPU, decode steps replay full CUDA graphs whose stage lengths and slots are read from the plugin's
+    persistent buffers: the answers must be those of the same engine without graphs (bf16, FLASH_ATTN)."""
+    path, prompts = reference["checkpoints"]["adsc"]["path"], vllm_prompts(reference)
+    params = SamplingParams(temperature=0, max_tokens=16, min_tokens=16)
+    answers = {}
+    for mode, overrides in {
+        "eager": dict(enforce_eager=True),
+        "full": dict(enforce_eager=False, compilation_config={"cudagraph_mode": "FULL_AND_PIECEWISE"}),
+    }.items():
+        with engine(path, **(overrides | dict(dtype="bfloat16"))) as llm:
+            answers[mode] = [list(output.outputs[0].token_ids) for output in llm.generate(prompts, params)]
+        del llm
+    assert answers["full"] == answers["eager"]

@@ -4,7 +4,7 @@
 
 CHECKPOINT is any ADSC-LLaVA checkpoint folder (only its config is read). For each schedule the layers get the specs
 the plugin gives them (`kv_cache.AdscStageSpec`), vLLM groups them (`get_kv_cache_groups`, as at engine start), and
-each group's manager rule (`AdscStageSpec.stage_tokens`) gives the blocks one request holds after its prefill. The
+each group's manager rule (`stages.RequestImages.kept`) gives the blocks one request holds after its prefill. The
 KV bytes are blocks x page size x layers per group; stock LLaVA is the empty schedule (one stage).
 """
 
@@ -19,7 +19,7 @@ from vllm.v1.core.kv_cache_utils import get_kv_cache_groups
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from vllm_adsc.kv_cache import AdscStageSpec
-from vllm_adsc.stages import VisionSchedule, dropped_prefixes, layer_stages
+from vllm_adsc.stages import RequestImages, VisionSchedule, layer_stages
 
 
 @dataclass
@@ -38,17 +38,15 @@ def request_blocks(config, name: str, block_size: int, prompt_tokens: int, image
         block_size=block_size, num_kv_heads=text.num_key_value_heads, head_size=head_size, dtype=torch.float16
     )
     schedule = VisionSchedule.from_config(config)
-    prefixes = dropped_prefixes(schedule)
     specs = {
-        f"layers.{layer}": AdscStageSpec.from_spec(base, stage, prefixes[stage])
+        f"layers.{layer}": AdscStageSpec.from_spec(base, stage)
         for layer, stage in enumerate(layer_stages(text.num_hidden_layers, schedule.pruning_layers))
     }
     vllm_config = VllmConfig()
     vllm_config.cache_config.kv_cache_layout = "LBHNC"  # resolved by the engine at start; groups do not depend on it
     groups = get_kv_cache_groups(vllm_config, specs)
-    blocks = [
-        math.ceil(group.kv_cache_spec.stage_tokens(prompt_tokens, image_offsets) / block_size) for group in groups
-    ]
+    images = RequestImages(schedule, image_offsets)
+    blocks = [math.ceil(images.kept(prompt_tokens, group.kv_cache_spec.stage) / block_size) for group in groups]
     kv_bytes = sum(
         count * group.kv_cache_spec.page_size_bytes * len(group.layer_names)
         for count, group in zip(blocks, groups, strict=True)

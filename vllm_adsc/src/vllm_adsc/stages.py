@@ -1,38 +1,43 @@
 """Which token rows each ADSC stage computes on in one vLLM step, and where those rows' keys and values are cached.
 
 vLLM flattens a step's requests into one row per scheduled token: request `i` owns rows
-`query_start_loc[i]:query_start_loc[i + 1]`, at consecutive positions ending at `seq_lens[i] - 1`. A stage is the
-run of decoder layers from one pruning layer to the next. In stage `s` every image keeps the vision tokens ADSC's
-rule leaves alive after `s` pruning layers (`AdscLlavaConfig.surviving_vision_offsets`); text is never dropped.
+`query_start_loc[i]:query_start_loc[i + 1]`, at consecutive positions from `num_computed[i]` on. A stage is the run
+of decoder layers from one pruning layer to the next. In stage `s` every image keeps the vision tokens ADSC's rule
+leaves alive after `s` pruning layers (`AdscLlavaConfig.surviving_vision_offsets`); text is never dropped.
 
 A stage's layers cache only the tokens they see, packed: the `c`-th token a request keeps in stage `s` is stored at
 the slot of position `c` (its *compact index*) in the request's block table, so a stage's attention reads a plain
-causal sequence of `seq_lens[i] - dropped` tokens. Tokens keep their original positions for RoPE. Decode tokens are
-text: each one lands right after the request's packed prompt.
+causal sequence. Which tokens survive depends only on where a request's images start, so everything here is a
+closed-form function of the images' offsets (vLLM's placeholder ranges) and the request's token counts: no state
+is carried from step to step. The KV cache managers size each stage's blocks with the same function
+(`RequestImages.kept`), so the packed slots always lie inside the blocks allocated for them.
 
-Everything here is a pure function of token ids, positions and the step's metadata; the only state across steps is
-each running request's `Progress` (tokens dropped so far per stage, and an image a chunked prefill cut short).
+Everything runs on the CPU with numpy, from state the engine holds on the host.
 """
 
+import itertools
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class VisionSchedule:
     """ADSC's schedule as the engine needs it.
 
     Attributes:
         tokens_per_image: `n`, the placeholder tokens of one image (LLaVA-1.5: 576; every image has as many).
         pruning_layers: the first decoder layer of each stage after the first.
-        alive: `alive[s][j]` is True when offset `j` of an image is still alive in stage `s + 1`, shape
-            `(num_pruning_layers, tokens_per_image)`.
+        alive: `alive[s - 1, j]` is True when offset `j` of an image is still alive in stage `s`, shape `(K, n)` for
+            `K` pruning layers.
+        dropped_prefix: `dropped_prefix[s, j]` is how many of an image's first `j` tokens stage `s` has dropped,
+            shape `(K + 1, n + 1)` (row 0, the first stage's, is zeros).
     """
 
     tokens_per_image: int
     pruning_layers: tuple[int, ...]
-    alive: torch.BoolTensor
+    alive: np.ndarray
+    dropped_prefix: np.ndarray
 
     @classmethod
     def from_config(cls, config) -> "VisionSchedule":
@@ -45,10 +50,22 @@ class VisionSchedule:
 
     @classmethod
     def from_offsets(cls, tokens_per_image: int, pruning_layers, surviving_offsets) -> "VisionSchedule":
-        alive = torch.zeros(len(pruning_layers), tokens_per_image, dtype=torch.bool)
+        alive = np.zeros((len(pruning_layers), tokens_per_image), dtype=bool)
         for stage, offsets in enumerate(surviving_offsets):
-            alive[stage, offsets] = True
-        return cls(tokens_per_image, tuple(pruning_layers), alive)
+            alive[stage, list(offsets)] = True
+        dropped_prefix = np.zeros((len(pruning_layers) + 1, tokens_per_image + 1), dtype=np.int64)
+        dropped_prefix[1:, 1:] = np.cumsum(~alive, axis=1)
+        return cls(tokens_per_image, tuple(pruning_layers), alive, dropped_prefix)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.pruning_layers) + 1
+
+    def dropped(self, image_starts: np.ndarray, num_tokens: int) -> np.ndarray:
+        """`(K + 1,)`: how many of a request's first `num_tokens` tokens each stage drops, its images starting at
+        `image_starts`."""
+        covered = np.clip(num_tokens - image_starts, 0, self.tokens_per_image)
+        return self.dropped_prefix[:, covered].sum(axis=1)
 
 
 def layer_stages(num_layers: int, pruning_layers: tuple[int, ...]) -> list[int]:
@@ -56,195 +73,237 @@ def layer_stages(num_layers: int, pruning_layers: tuple[int, ...]) -> list[int]:
     return [sum(layer >= pruning for pruning in pruning_layers) for layer in range(num_layers)]
 
 
-def dropped_prefixes(schedule: VisionSchedule) -> list[tuple[int, ...]]:
-    """For each stage, how many of an image's first `j` placeholder tokens it has dropped, `j = 0 .. n`."""
-    prefixes = [(0,) * (schedule.tokens_per_image + 1)]
-    for alive in schedule.alive:
-        prefixes.append((0, *torch.cumsum((~alive).long(), 0).tolist()))
-    return prefixes
+class RequestImages:
+    """Where one request's images are, and how many of its tokens each stage keeps.
+
+    Attributes:
+        starts: `(m,)`, the first position of each image, ascending.
+        first: the first image's position (`NO_IMAGE` without images).
+        end: the position after its last image (0 without images).
+        total: `(K + 1,)`, the tokens each stage drops once every image is in.
+    """
+
+    NO_IMAGE = 2**62
+
+    def __init__(self, schedule: VisionSchedule, image_starts) -> None:
+        self.schedule = schedule
+        self.starts = np.asarray(sorted(image_starts), dtype=np.int64)
+        self.first = int(self.starts[0]) if len(self.starts) else self.NO_IMAGE
+        self.end = int(self.starts[-1]) + schedule.tokens_per_image if len(self.starts) else 0
+        self.total = schedule.dropped(self.starts, self.end)
+        self.total_counts = tuple(self.total.tolist())  # the same, as Python ints (`BatchImages.of` reads these)
+        self._last: tuple[int, np.ndarray] = (0, schedule.dropped_prefix[:, 0])
+
+    @classmethod
+    def from_features(cls, schedule: VisionSchedule, mm_features) -> "RequestImages":
+        """From vLLM's `MultiModalFeatureSpec`s of a request. Raises ValueError for anything but whole images of
+        `tokens_per_image` placeholder tokens that each take image features (the processor refuses those requests
+        at admission: `model.AdscLlavaMultiModalProcessor`)."""
+        starts = []
+        for feature in mm_features:
+            position = feature.mm_position
+            if feature.modality != "image" or position.length != schedule.tokens_per_image:
+                raise ValueError(
+                    f"ADSC-LLaVA in vLLM needs images of {schedule.tokens_per_image} placeholder tokens, got a "
+                    f"{feature.modality} of {position.length} at position {position.offset}."
+                )
+            if position.is_embed is not None and not bool(position.is_embed.all()):
+                raise ValueError("ADSC-LLaVA in vLLM needs every image placeholder token to take image features.")
+            starts.append(position.offset)
+        return cls(schedule, starts)
+
+    def dropped(self, num_tokens: int) -> np.ndarray:
+        """`(K + 1,)`: how many of the first `num_tokens` tokens each stage drops."""
+        if num_tokens >= self.end:
+            return self.total
+        if num_tokens <= self.first:
+            return self.schedule.dropped_prefix[:, 0]
+        if num_tokens != self._last[0]:
+            self._last = (num_tokens, self.schedule.dropped(self.starts, num_tokens))
+        return self._last[1]
+
+    def kept(self, num_tokens: int, stage: int) -> int:
+        """Of the first `num_tokens` tokens, how many stage `stage` keeps: its cache's length after them."""
+        return num_tokens - int(self.dropped(num_tokens)[stage])
+
+
+@dataclass
+class BatchImages:
+    """The images of a step's requests, in the runner's row order, as arrays.
+
+    Attributes:
+        requests: each request's `RequestImages`, `(R,)`.
+        first: `(R,)`, each request's first image position (`RequestImages.NO_IMAGE` without images).
+        end: `(R,)`, the position after each request's last image.
+        total: `(R, K + 1)`, each request's `RequestImages.total`.
+    """
+
+    requests: list[RequestImages]
+    first: np.ndarray
+    end: np.ndarray
+    total: np.ndarray
+
+    @classmethod
+    def of(cls, requests: list[RequestImages], num_stages: int) -> "BatchImages":
+        count = len(requests)
+        first = np.fromiter([r.first for r in requests], np.int64, count)
+        end = np.fromiter([r.end for r in requests], np.int64, count)
+        totals = itertools.chain.from_iterable([r.total_counts for r in requests])
+        total = np.fromiter(totals, np.int64, count * num_stages).reshape(count, num_stages)
+        return cls(requests, first, end, total)
+
+    def dropped(self, num_tokens: np.ndarray) -> np.ndarray:
+        """`(R, K + 1)`: how many of each request's first `num_tokens[i]` tokens each stage drops."""
+        dropped = np.where((num_tokens >= self.end)[:, None], self.total, 0)
+        for index in np.flatnonzero((num_tokens > self.first) & (num_tokens < self.end)):
+            dropped[index] = self.requests[index].dropped(int(num_tokens[index]))
+        return dropped
 
 
 @dataclass
 class StagePlan:
-    """The rows one stage computes on, and its packed attention layout.
+    """The rows one stage computes on in a step, and its packed attention layout.
 
     Attributes:
         stage: `s`, the stage (1 for the layers from the first pruning layer on).
-        from_previous: which of the previous stage's rows this stage keeps (indices into them), `(t_s,)`.
-        step_rows: the step's rows this stage computes on (indices into all the step's rows), `(t_s,)`.
-        query_start_loc: `(num_reqs + 1,)`, the stage's rows of each request.
-        seq_lens: `(num_reqs,)`, tokens each request's stage layers have cached after this step.
-        request: `(t_s,)`, the request of each row (-1 for padding rows).
+        rows: the step's rows this stage computes on (indices into the step's rows), `(t_s,)`; None when it keeps
+            every row (nothing dropped in this step).
+        from_previous: which of the previous stage's rows this stage keeps (indices into them), `(t_s,)`; None when
+            it keeps every row.
+        query_start_loc: `(R + 1,)`, the stage's rows of each request.
+        seq_lens: `(R,)`, tokens each request's stage cache holds after this step.
+        request: `(t_s,)`, the request of each row.
         compact: `(t_s,)`, each row's compact index: where it goes in its request's packed stage cache.
-        dropped: `(num_reqs,)`, tokens each request has dropped in this stage, this step included.
     """
 
     stage: int
-    from_previous: torch.LongTensor
-    step_rows: torch.LongTensor
-    query_start_loc: torch.LongTensor
-    seq_lens: torch.LongTensor
-    request: torch.LongTensor
-    compact: torch.LongTensor
-    dropped: torch.LongTensor
+    rows: np.ndarray | None
+    from_previous: np.ndarray | None
+    query_start_loc: np.ndarray
+    seq_lens: np.ndarray
+    request: np.ndarray
+    compact: np.ndarray
 
-    def slot_mapping(self, block_table: torch.Tensor, block_size: int) -> torch.LongTensor:
-        """`(t_s,)`: the cache slot each row writes in a KV cache group whose block table is `block_table`."""
+    @property
+    def num_rows(self) -> int:
+        return len(self.compact)
+
+    def slot_mapping(self, block_table: np.ndarray, block_size: int) -> np.ndarray:
+        """`(t_s,)`: the cache slot of each row in a KV cache group whose block table is `block_table`."""
         return slot_mapping(self.request, self.compact, block_table, block_size)
 
 
-def slot_mapping(
-    request: torch.LongTensor, index: torch.LongTensor, block_table: torch.Tensor, block_size: int
-) -> torch.LongTensor:
-    """Cache slots of the tokens at `index` (compact indices, or positions) of requests `request` (-1: padding rows,
-    which get slot -1), for a block table `(num_reqs, max_blocks)` of blocks of `block_size` tokens."""
-    real = request >= 0
-    slots = torch.full_like(index, -1)
-    slots[real] = block_table[request[real], index[real] // block_size].long() * block_size + index[real] % block_size
-    return slots
-
-
-def image_offsets(
-    is_vision: torch.BoolTensor,
-    query_start_loc: torch.LongTensor,
-    open_image_tokens: torch.LongTensor,
-    tokens_per_image: int,
-) -> tuple[torch.LongTensor, torch.LongTensor]:
-    """Each row's offset within its image (`-1` for text rows), and each request's unfinished image after the step.
-
-    `is_vision` marks the rows that hold image features (vLLM's `is_multimodal`: not the token id, which a request
-    may also generate). An image is `tokens_per_image` consecutive such rows; back-to-back images form one run. vLLM
-    may cut an image between two steps (chunked prefill): `open_image_tokens[i]` says how many of an image request
-    `i`'s previous steps already held, so its first rows continue that image.
-
-    Returns:
-        offsets `(T,)`, and the placeholder tokens of an image each request leaves unfinished, `(R,)`.
-    """
-    n, num_rows, num_reqs = tokens_per_image, len(is_vision), len(query_start_loc) - 1
-    starts, ends = query_start_loc[:-1], query_start_loc[1:]
-    row = torch.arange(num_rows)
-    request_of_row = torch.full((num_rows,), -1, dtype=torch.long)
-    request_of_row[: int(ends[-1])] = torch.repeat_interleave(torch.arange(num_reqs), ends - starts)
-    is_vision = is_vision & (request_of_row >= 0)
-    first_is_vision = is_vision[starts.clamp(max=num_rows - 1)] & (ends > starts)
-    if bool(((open_image_tokens > 0) & ~first_is_vision).any()):
-        raise ValueError("a request left an image unfinished, then went on with text.")
-    offsets, open_after = torch.full((num_rows,), -1, dtype=torch.long), torch.zeros_like(open_image_tokens)
-    continues_run = torch.zeros_like(is_vision)
-    continues_run[1:] = is_vision[:-1] & (request_of_row[1:] == request_of_row[:-1])
-    run_start = is_vision & ~continues_run
-    if not bool(run_start.any()):
-        return offsets, open_after
-    first_row = row[run_start]
-    run_request = request_of_row[first_row]
-    run_of_row = torch.cumsum(run_start.long(), 0) - 1
-    run_length = torch.bincount(run_of_row[is_vision], minlength=len(first_row))
-    # A run at the start of a request's rows continues the image its previous step left unfinished.
-    carried = torch.where(first_row == starts[run_request], open_image_tokens[run_request], 0)
-    offsets[is_vision] = (carried[run_of_row] + row - first_row[run_of_row])[is_vision] % n
-    unfinished = (carried + run_length) % n
-    at_request_end = first_row + run_length == ends[run_request]
-    if bool((unfinished.bool() & ~at_request_end).any()):
-        raise ValueError(f"a run of image placeholder tokens is not a whole number of images of {n} tokens.")
-    open_after[run_request[at_request_end]] = unfinished[at_request_end]
-    return offsets, open_after
+def slot_mapping(request: np.ndarray, index: np.ndarray, block_table: np.ndarray, block_size: int) -> np.ndarray:
+    """Cache slots of the tokens at `index` (compact indices, or positions) of requests `request`, for a block table
+    `(num_reqs, max_blocks)` of blocks of `block_size` tokens."""
+    return block_table[request, index // block_size].astype(np.int64) * block_size + index % block_size
 
 
 @dataclass
-class Progress:
-    """What a request's earlier steps leave to its next one.
+class StepPlan:
+    """Every stage's plan for one step.
 
     Attributes:
-        dropped: `(R, K)`, tokens each request has dropped per stage so far.
-        open_image_tokens: `(R,)`, placeholder tokens of an image a step cut short (chunked prefill).
+        stages: the plans of stages 1 .. K that have rows in this step. A stage whose rows were all dropped (the
+            step's tokens are only image tokens it drops) is left out, with every deeper one: those layers do not
+            run in this step (a zero-row kernel launch kills a GPU engine).
+        drops: whether any row leaves before the last layer.
     """
 
-    dropped: torch.LongTensor
-    open_image_tokens: torch.LongTensor
+    stages: list[StagePlan]
+    drops: bool
 
 
-def plan_stages(
-    is_vision: torch.BoolTensor,
-    positions: torch.LongTensor,
-    query_start_loc: torch.LongTensor,
-    seq_lens: torch.LongTensor,
-    before: Progress,
+def plan_step(
     schedule: VisionSchedule,
-) -> tuple[list[StagePlan], Progress]:
-    """The plan of every stage after the first for one step (all tensors on the CPU), and the requests' progress.
+    images: BatchImages,
+    num_computed: np.ndarray,
+    num_scheduled: np.ndarray,
+    request_of_row: np.ndarray | None = None,
+) -> StepPlan:
+    """The plan of every stage after the first for one step.
 
     Args:
-        is_vision, positions: `(T,)`, the step's rows: image feature rows, and positions (rows past
-            `query_start_loc[-1]` are padding and are kept).
-        query_start_loc: `(R + 1,)`; seq_lens: `(R,)`, as in vLLM's metadata.
-        before: the requests' progress after their earlier steps (`RequestProgress`).
+        images: the step's requests' images (`BatchImages`), `R` requests.
+        num_computed: `(R,)`, tokens each request had computed before this step.
+        num_scheduled: `(R,)`, tokens each request computes in this step (its rows, in request order).
+        request_of_row: `(T,)`, the request of each row, if the caller has it (vLLM's runner does).
     """
-    num_rows, num_reqs = len(positions), len(seq_lens)
-    query_lens = query_start_loc[1:] - query_start_loc[:-1]
-    num_real = int(query_start_loc[-1])
-    request_of_row = torch.repeat_interleave(torch.arange(num_reqs), query_lens)
-    offsets, open_after = image_offsets(
-        is_vision, query_start_loc, before.open_image_tokens, schedule.tokens_per_image
-    )
-    is_vision = offsets >= 0
-    plans, previous_rows = [], torch.arange(num_rows)
-    for stage, alive in enumerate(schedule.alive):
-        kept = ~is_vision | alive[offsets.clamp(min=0)]
-        dropped_rows = (~kept).long()
-        # Tokens a request dropped in this step before each row (the request's rows are contiguous).
-        dropped_cumulative = torch.cumsum(dropped_rows, 0) - dropped_rows
-        dropped_in_step = torch.zeros(num_reqs, dtype=torch.long).index_add_(
-            0, request_of_row, dropped_rows[:num_real]
-        )
-        rows = torch.nonzero(kept).squeeze(1)
-        real = rows[rows < num_real]
-        request = request_of_row[real]
-        dropped_earlier_in_step = dropped_cumulative[real] - dropped_cumulative[query_start_loc[request]]
-        compact = torch.full((len(rows),), -1, dtype=torch.long)
-        compact[: len(real)] = positions[real] - before.dropped[request, stage] - dropped_earlier_in_step
-        dropped = before.dropped[:, stage] + dropped_in_step
-        plans.append(
+    num_computed, num_scheduled = num_computed.astype(np.int64), num_scheduled.astype(np.int64)
+    query_start_loc = np.zeros(len(num_scheduled) + 1, dtype=np.int64)
+    np.cumsum(num_scheduled, out=query_start_loc[1:])
+    seq_lens = num_computed + num_scheduled
+    if request_of_row is None:
+        request_of_row = np.repeat(np.arange(len(num_scheduled)), num_scheduled)
+    positions = num_computed[request_of_row] + np.arange(len(request_of_row)) - query_start_loc[request_of_row]
+    before = images.dropped(num_computed)
+    offsets = _image_offsets(schedule, images, num_computed, seq_lens, query_start_loc)
+    if offsets is None or schedule.alive[-1][offsets[offsets >= 0]].all():
+        # No row dropped in this step (the deepest stage keeps the fewest): every stage keeps every row, at its
+        # position less what the stage dropped before.
+        stages = [
             StagePlan(
-                stage=stage + 1,
-                from_previous=torch.searchsorted(previous_rows, rows),
-                step_rows=rows,
-                query_start_loc=torch.cat(
-                    [torch.zeros(1, dtype=torch.long), torch.cumsum(query_lens - dropped_in_step, 0)]
-                ),
-                seq_lens=seq_lens.long() - dropped,
-                request=torch.cat([request, torch.full((len(rows) - len(real),), -1, dtype=torch.long)]),
-                compact=compact,
-                dropped=dropped,
+                stage,
+                None,
+                None,
+                query_start_loc,
+                seq_lens - before[:, stage],
+                request_of_row,
+                positions - before[request_of_row, stage],
+            )
+            for stage in range(1, schedule.num_stages)
+        ]
+        return StepPlan(stages, drops=False)
+    stages, previous_rows = [], np.arange(len(offsets))
+    vision_rows = np.flatnonzero(offsets >= 0)
+    vision_offsets = offsets[vision_rows]
+    kept = np.ones(len(offsets), dtype=bool)
+    for stage, alive in enumerate(schedule.alive, start=1):
+        kept[vision_rows] = alive[vision_offsets]
+        rows = np.flatnonzero(kept)
+        if len(rows) == 0:
+            break
+        request = request_of_row[rows]
+        stage_query_start_loc = np.zeros_like(query_start_loc)
+        np.cumsum(np.bincount(request, minlength=len(seq_lens)), out=stage_query_start_loc[1:])
+        dropped_in_step = num_scheduled - np.diff(stage_query_start_loc)
+        # Rows the request dropped in this step before each kept row: the rows before it, less the kept ones (a
+        # request's rows are contiguous).
+        dropped_earlier = (rows - query_start_loc[request]) - (np.arange(len(rows)) - stage_query_start_loc[request])
+        stages.append(
+            StagePlan(
+                stage,
+                rows,
+                np.searchsorted(previous_rows, rows),
+                stage_query_start_loc,
+                seq_lens - before[:, stage] - dropped_in_step,
+                request,
+                positions[rows] - before[request, stage] - dropped_earlier,
             )
         )
         previous_rows = rows
-    after = Progress(torch.stack([plan.dropped for plan in plans], dim=1), open_after)
-    return plans, after
+    return StepPlan(stages, drops=True)
 
 
-class RequestProgress:
-    """Each running request's `Progress` across the steps of its prefill.
-
-    vLLM's model forward sees no request ids, so a request is named by the first block of its block table, which
-    stays its own while it runs. A request whose step starts at position 0 is new (or recomputed after preemption):
-    it starts from nothing, so a block reused by a later request never passes on a stale count.
-    """
-
-    def __init__(self, num_stages: int) -> None:
-        self.num_stages = num_stages
-        self.by_first_block: dict[int, tuple[list[int], int]] = {}
-
-    def before(self, first_blocks: list[int], first_positions: list[int]) -> Progress:
-        fresh = ([0] * self.num_stages, 0)
-        known = [
-            fresh if position == 0 else self.by_first_block.get(block, fresh)
-            for block, position in zip(first_blocks, first_positions, strict=True)
-        ]
-        dropped = torch.tensor([counts for counts, _ in known], dtype=torch.long).reshape(-1, self.num_stages)
-        return Progress(dropped, torch.tensor([open_tokens for _, open_tokens in known], dtype=torch.long))
-
-    def update(self, first_blocks: list[int], after: Progress) -> None:
-        for block, counts, open_tokens in zip(
-            first_blocks, after.dropped.tolist(), after.open_image_tokens.tolist(), strict=True
-        ):
-            self.by_first_block[block] = (counts, open_tokens)
+def _image_offsets(
+    schedule: VisionSchedule,
+    images: BatchImages,
+    num_computed: np.ndarray,
+    seq_lens: np.ndarray,
+    query_start_loc: np.ndarray,
+) -> np.ndarray | None:
+    """`(T,)`, each row's offset within its image (-1 for text rows); None when no row is an image token."""
+    candidates = np.flatnonzero((num_computed < images.end) & (seq_lens > images.first))
+    if len(candidates) == 0:
+        return None
+    n, offsets = schedule.tokens_per_image, None
+    for index in candidates:
+        start, stop = int(num_computed[index]), int(seq_lens[index])
+        for image_start in images.requests[index].starts:
+            first, last = max(start, int(image_start)), min(stop, int(image_start) + n)
+            if first < last:
+                if offsets is None:
+                    offsets = np.full(int(query_start_loc[-1]), -1, dtype=np.int64)
+                row = int(query_start_loc[index]) + first - start
+                offsets[row : row + last - first] = np.arange(first - image_start, last - image_start)
+    return offsets

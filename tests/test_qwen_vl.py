@@ -439,6 +439,7 @@ def test_fine_tunes_with_lora_and_the_curriculum(family, tmp_path):
             gradient_checkpointing=False,
             save_steps=1000,
             disable_tqdm=True,
+            dataloader_num_workers=0,
         )
     )
     trained = adsc_class.from_pretrained(final)

@@ -73,6 +73,25 @@ def planned_runs(checkpoint: Path, budgets: list[float], methods: list[str]) -> 
     return runs, notes
 
 
+def resolve_schedule(config, budget: float | None, method: str | None, layers: str | int | None) -> dict:
+    """The schedule keys for `config.update`: the checkpoint's, with the policy, layers and budget asked for.
+
+    A budget for another policy than the checkpoint's, without `layers`, goes to that policy's own layers
+    (`policy_pruning_layers`: FastV's K = 2 of 32, PyramidDrop's 8, 16, 24), not to the checkpoint's.
+    """
+    if layers is not None and budget is None:
+        raise ValueError(f"layers={layers!r} needs a budget: the drop ratio is solved for the budget on those layers.")
+    switched = method is not None and method != config.adsc_keep_policy
+    # from_dict validates the policy's name; with_budget keeps it.
+    config = type(config).from_dict({**config.to_dict(), **({"adsc_keep_policy": method} if method else {})})
+    if budget is not None:
+        pruning_layers = [int(layer) for layer in str(layers).split("/")] if layers is not None else None
+        if pruning_layers is None and switched:
+            pruning_layers = policy_pruning_layers(method, config.text_config.num_hidden_layers)
+        config = config.with_budget(float(budget), pruning_layers)
+    return config.schedule
+
+
 # model_args that `adsc-llava eval` sets itself for each run.
 OWN_MODEL_ARGS = ("pretrained", "budget", "method", "layers")
 

@@ -11,14 +11,12 @@ benchmarks have: text-only documents (ScienceQA), several images per document, t
 and `until` stop strings without `max_new_tokens` (TextVQA, VizWiz, SEED).
 """
 
-import importlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import pytest
@@ -27,6 +25,7 @@ from transformers import LlavaConfig
 
 from adsc_llava import AdscLlavaConfig
 from adsc_llava.configuration_adsc_llava import policy_pruning_layers
+from adsc_llava.evaluate import resolve_schedule
 
 from conftest import save_word_answering_checkpoint
 
@@ -364,24 +363,13 @@ def test_plugin_refuses_layers_without_a_budget_and_unknown_methods(eval_python,
         assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
 
 
-def test_a_budget_for_another_policy_goes_to_that_policys_own_layers(monkeypatch):
-    """`method=fastv,budget=B` without `layers`: FastV's K = 2 of 32, not the checkpoint's four ADSC layers.
-
-    Runs in the project's environment: the two lmms-eval classes the plugin subclasses are stubbed.
-    """
-    for name, attribute in [("lmms_eval.models.chat.huggingface", "Huggingface"),
-                            ("lmms_eval.models.registry_v2", "ModelManifest")]:  # fmt: skip
-        module = types.ModuleType(name)
-        setattr(module, attribute, type(attribute, (), {"__init__": lambda self, **kwargs: None}))
-        monkeypatch.setitem(sys.modules, name, module)
-    monkeypatch.delitem(sys.modules, "adsc_llava.lmms_eval_plugin", raising=False)
-    plugin = importlib.import_module("adsc_llava.lmms_eval_plugin")
-
+def test_a_budget_for_another_policy_goes_to_that_policys_own_layers():
+    """`method=fastv,budget=B` without `layers`: FastV's K = 2 of 32, not the checkpoint's four ADSC layers."""
     checkpoint = AdscLlavaConfig.from_llava_config(LlavaConfig(), budget=192)  # uniform on [2, 8, 16, 24]
-    fastv = plugin.resolve_schedule(checkpoint, budget=192, method="fastv", layers=None)
+    fastv = resolve_schedule(checkpoint, budget=192, method="fastv", layers=None)
     assert (fastv["adsc_keep_policy"], fastv["adsc_pruning_layers"]) == ("fastv", [2])
-    assert plugin.resolve_schedule(checkpoint, 192, "fastv", "4")["adsc_pruning_layers"] == [4]  # layers= wins
-    assert plugin.resolve_schedule(checkpoint, 128, "uniform", None)["adsc_pruning_layers"] == [2, 8, 16, 24]
+    assert resolve_schedule(checkpoint, 192, "fastv", "4")["adsc_pruning_layers"] == [4]  # layers= wins
+    assert resolve_schedule(checkpoint, 128, "uniform", None)["adsc_pruning_layers"] == [2, 8, 16, 24]
 
 
 def test_the_project_itself_does_not_import_lmms_eval():

@@ -130,6 +130,12 @@ def test_plans_of_concurrent_requests_match_a_whole_sequence_replay(seed, cached
             assert stage_plan.slot_mapping(block_table, BLOCK).tolist() == expected_slots
             assert stage_plan.seq_lens.tolist() == expected_lens
             assert stage_plan.query_start_loc.tolist() == expected_query
+            assert stage_plan.max_seq_len == max(expected_lens)
+            assert stage_plan.max_query_len == max(np.diff(expected_query))
+            assert plan.seq_lens[stage - 1].tolist() == expected_lens  # the stacked copy the runner writes
+            if plan.drops:
+                bounds = np.cumsum([0] + [s.num_rows for s in plan.stages])
+                assert plan.rows[bounds[stage - 1] : bounds[stage]].tolist() == expected_rows
             previous = rows
         assert plan.drops == drops
         for r, scheduled in zip(step, num_scheduled, strict=True):
@@ -166,3 +172,23 @@ def test_request_images_are_whole_images_of_the_schedule():
         RequestImages.from_features(schedule, [feature(modality="video")])
     with pytest.raises(ValueError, match="every image placeholder token"):
         RequestImages.from_features(schedule, [feature(is_embed=np.array([True, False, True, True]))])
+
+
+def test_batch_images_updated_in_some_rows_equal_a_rebuilt_batch():
+    """The runner updates its batch's image table where requests changed rows (`BatchImages.with_rows`): the same
+    arrays as a batch built from scratch, when it grows, shrinks or moves requests."""
+    schedule = schedule_for(4, [1, 3], 0.5)
+    requests = [RequestImages(schedule, starts) for starts in ([], [2], [1, 9], [5], [3])]
+    batch = BatchImages.of(requests[:3], 3)
+    for order in ([0, 1, 2, 3], [0, 4, 2], [2, 1], [2, 1, 3, 4, 0]):
+        rows = [
+            row
+            for row, index in enumerate(order)
+            if row >= len(batch.requests) or batch.requests[row] is not requests[index]
+        ]
+        updated = batch.with_rows(len(order), rows, [requests[order[row]] for row in rows])
+        rebuilt = BatchImages.of([requests[index] for index in order], 3)
+        assert updated.requests == rebuilt.requests
+        for name in ("first", "end", "total"):
+            assert getattr(updated, name).tolist() == getattr(rebuilt, name).tolist(), (order, name)
+        batch = updated

@@ -91,7 +91,8 @@ class RequestImages:
         self.first = int(self.starts[0]) if len(self.starts) else self.NO_IMAGE
         self.end = int(self.starts[-1]) + schedule.tokens_per_image if len(self.starts) else 0
         self.total = schedule.dropped(self.starts, self.end)
-        self.total_counts = tuple(self.total.tolist())  # the same, as Python ints (`BatchImages.of` reads these)
+        self.total_counts = tuple(self.total.tolist())  # the same, as Python ints (`StageCounts.kept` reads these)
+        self.summary = (self.first, self.end, *self.total_counts)  # one row of `BatchImages`
         self._last: tuple[int, np.ndarray] = (0, schedule.dropped_prefix[:, 0])
 
     @classmethod
@@ -133,24 +134,34 @@ class BatchImages:
 
     Attributes:
         requests: each request's `RequestImages`, `(R,)`.
+        table: `(R, K + 3)`, each request's `RequestImages.summary`; `first`, `end` and `total` are views of it:
         first: `(R,)`, each request's first image position (`RequestImages.NO_IMAGE` without images).
         end: `(R,)`, the position after each request's last image.
         total: `(R, K + 1)`, each request's `RequestImages.total`.
     """
 
     requests: list[RequestImages]
-    first: np.ndarray
-    end: np.ndarray
-    total: np.ndarray
+    table: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.first, self.end, self.total = self.table[:, 0], self.table[:, 1], self.table[:, 2:]
 
     @classmethod
     def of(cls, requests: list[RequestImages], num_stages: int) -> "BatchImages":
-        count = len(requests)
-        first = np.fromiter([r.first for r in requests], np.int64, count)
-        end = np.fromiter([r.end for r in requests], np.int64, count)
-        totals = itertools.chain.from_iterable([r.total_counts for r in requests])
-        total = np.fromiter(totals, np.int64, count * num_stages).reshape(count, num_stages)
-        return cls(requests, first, end, total)
+        width = num_stages + 2
+        summaries = itertools.chain.from_iterable([r.summary for r in requests])
+        return cls(requests, np.fromiter(summaries, np.int64, len(requests) * width).reshape(len(requests), width))
+
+    def with_rows(self, num_reqs: int, rows: list[int], requests: list[RequestImages]) -> "BatchImages":
+        """This batch cut or grown to `num_reqs` requests, the requests at `rows` replaced by `requests` (a batch
+        whose rows mostly stay where they were: one new request, a few moved)."""
+        table = np.empty((num_reqs, self.table.shape[1]), dtype=np.int64)
+        kept = min(num_reqs, len(self.requests))
+        table[:kept] = self.table[:kept]
+        batch = self.requests[:kept] + [None] * (num_reqs - kept)
+        for row, request in zip(rows, requests, strict=True):
+            batch[row], table[row] = request, request.summary
+        return BatchImages(batch, table)
 
     def dropped(self, num_tokens: np.ndarray) -> np.ndarray:
         """`(R, K + 1)`: how many of each request's first `num_tokens[i]` tokens each stage drops."""
@@ -174,6 +185,8 @@ class StagePlan:
         seq_lens: `(R,)`, tokens each request's stage cache holds after this step.
         request: `(t_s,)`, the request of each row.
         compact: `(t_s,)`, each row's compact index: where it goes in its request's packed stage cache.
+        max_seq_len: the largest of `seq_lens`.
+        max_query_len: the most rows a request has in this stage.
     """
 
     stage: int
@@ -183,6 +196,8 @@ class StagePlan:
     seq_lens: np.ndarray
     request: np.ndarray
     compact: np.ndarray
+    max_seq_len: int
+    max_query_len: int
 
     @property
     def num_rows(self) -> int:
@@ -201,17 +216,29 @@ def slot_mapping(request: np.ndarray, index: np.ndarray, block_table: np.ndarray
 
 @dataclass
 class StepPlan:
-    """Every stage's plan for one step.
+    """Every stage's plan for one step, with the same numbers stacked across stages (what the runner writes in one
+    operation each; every `StagePlan` holds views of them).
 
     Attributes:
-        stages: the plans of stages 1 .. K that have rows in this step. A stage whose rows were all dropped (the
-            step's tokens are only image tokens it drops) is left out, with every deeper one: those layers do not
-            run in this step (a zero-row kernel launch kills a GPU engine).
+        stages: the plans of stages 1 .. S that have rows in this step (S <= K). A stage whose rows were all dropped
+            (the step's tokens are only image tokens it drops) is left out, with every deeper one: those layers do
+            not run in this step (a zero-row kernel launch kills a GPU engine).
         drops: whether any row leaves before the last layer.
+        seq_lens: `(S, R)`, each stage's `seq_lens`.
+        compact: `(S, T)`, each stage's `compact`, in steps that drop nothing (every stage has the step's `T` rows);
+            None otherwise.
+        rows, from_previous: every stage's `rows` and `from_previous` back to back, `(t_1 + ... + t_S,)`, in steps
+            that drop rows; None otherwise.
+        query_start_loc: `(S, R + 1)`, each stage's `query_start_loc`, in steps that drop rows; None otherwise.
     """
 
     stages: list[StagePlan]
     drops: bool
+    seq_lens: np.ndarray
+    compact: np.ndarray | None = None
+    rows: np.ndarray | None = None
+    from_previous: np.ndarray | None = None
+    query_start_loc: np.ndarray | None = None
 
 
 def plan_step(
@@ -221,7 +248,8 @@ def plan_step(
     num_scheduled: np.ndarray,
     request_of_row: np.ndarray | None = None,
 ) -> StepPlan:
-    """The plan of every stage after the first for one step.
+    """The plan of every stage after the first for one step, in a fixed number of array operations whatever the
+    batch (no loop over requests or rows, one over the requests whose images this step reaches).
 
     Args:
         images: the step's requests' images (`BatchImages`), `R` requests.
@@ -230,59 +258,94 @@ def plan_step(
         request_of_row: `(T,)`, the request of each row, if the caller has it (vLLM's runner does).
     """
     num_computed, num_scheduled = num_computed.astype(np.int64), num_scheduled.astype(np.int64)
-    query_start_loc = np.zeros(len(num_scheduled) + 1, dtype=np.int64)
+    num_reqs = len(num_scheduled)
+    query_start_loc = np.zeros(num_reqs + 1, dtype=np.int64)
     np.cumsum(num_scheduled, out=query_start_loc[1:])
-    seq_lens = num_computed + num_scheduled
     if request_of_row is None:
-        request_of_row = np.repeat(np.arange(len(num_scheduled)), num_scheduled)
-    positions = num_computed[request_of_row] + np.arange(len(request_of_row)) - query_start_loc[request_of_row]
-    before = images.dropped(num_computed)
-    offsets = _image_offsets(schedule, images, num_computed, seq_lens, query_start_loc)
+        request_of_row = np.repeat(np.arange(num_reqs), num_scheduled)
+    if len(request_of_row) == num_reqs and num_scheduled.max() == 1 and (num_computed >= images.end).all():
+        # A decode step: one row per request, every image cached. Its row goes after what each stage cached.
+        compact = num_computed - images.total[:, 1:].T
+        seq_lens = compact + 1
+        max_seq_lens = seq_lens.max(axis=1).tolist()
+        stages = [
+            StagePlan(stage, None, None, query_start_loc, seq_lens[stage - 1], request_of_row, compact[stage - 1],
+                      max_seq_lens[stage - 1], 1)
+            for stage in range(1, schedule.num_stages)
+        ]  # fmt: skip
+        return StepPlan(stages, False, seq_lens, compact=compact)
+    # Each stage's cache length before this step, (K, R): the compact index of a request's next kept token.
+    cached = num_computed - images.dropped(num_computed)[:, 1:].T
+    offsets = _image_offsets(schedule, images, num_computed, num_computed + num_scheduled, query_start_loc)
     if offsets is None or schedule.alive[-1][offsets[offsets >= 0]].all():
-        # No row dropped in this step (the deepest stage keeps the fewest): every stage keeps every row, at its
-        # position less what the stage dropped before.
+        # No row dropped in this step (the deepest stage keeps the fewest): every stage keeps every row, packed after
+        # what the stage cached before.
+        compact = cached[:, request_of_row] + (np.arange(len(request_of_row)) - query_start_loc[request_of_row])
+        seq_lens = cached + num_scheduled
+        max_seq_lens = seq_lens.max(axis=1).tolist()
+        max_query_len = int(num_scheduled.max())
         stages = [
             StagePlan(
-                stage,
-                None,
-                None,
-                query_start_loc,
-                seq_lens - before[:, stage],
-                request_of_row,
-                positions - before[request_of_row, stage],
+                stage, None, None, query_start_loc, seq_lens[stage - 1], request_of_row, compact[stage - 1],
+                max_seq_lens[stage - 1], max_query_len,
             )
             for stage in range(1, schedule.num_stages)
-        ]
-        return StepPlan(stages, drops=False)
-    stages, previous_rows = [], np.arange(len(offsets))
+        ]  # fmt: skip
+        return StepPlan(stages, False, seq_lens, compact=compact)
+    return _plan_dropping_step(schedule, offsets, cached, query_start_loc, request_of_row)
+
+
+def _plan_dropping_step(
+    schedule: VisionSchedule,
+    offsets: np.ndarray,
+    cached: np.ndarray,
+    query_start_loc: np.ndarray,
+    request_of_row: np.ndarray,
+) -> StepPlan:
+    """`plan_step` for a step some of whose image rows a stage drops; `offsets`: `(T,)`, each row's image offset
+    (-1 for text)."""
+    num_rows, num_reqs = len(offsets), len(query_start_loc) - 1
     vision_rows = np.flatnonzero(offsets >= 0)
-    vision_offsets = offsets[vision_rows]
-    kept = np.ones(len(offsets), dtype=bool)
-    for stage, alive in enumerate(schedule.alive, start=1):
-        kept[vision_rows] = alive[vision_offsets]
-        rows = np.flatnonzero(kept)
-        if len(rows) == 0:
-            break
-        request = request_of_row[rows]
-        stage_query_start_loc = np.zeros_like(query_start_loc)
-        np.cumsum(np.bincount(request, minlength=len(seq_lens)), out=stage_query_start_loc[1:])
-        dropped_in_step = num_scheduled - np.diff(stage_query_start_loc)
-        # Rows the request dropped in this step before each kept row: the rows before it, less the kept ones (a
-        # request's rows are contiguous).
-        dropped_earlier = (rows - query_start_loc[request]) - (np.arange(len(rows)) - stage_query_start_loc[request])
+    kept = np.ones((len(schedule.alive), num_rows), dtype=bool)
+    kept[:, vision_rows] = schedule.alive[:, offsets[vision_rows]]
+    # Each stage keeps a subset of the previous one's rows: the stages with rows come first.
+    num_stages = int(np.count_nonzero(kept.any(axis=1)))
+    if num_stages == 0:
+        return StepPlan([], True, cached[:0])
+    kept = kept[:num_stages]
+    stage_of, rows = np.nonzero(kept)  # every stage's rows, stage by stage
+    request = request_of_row[rows]
+    rows_per_request = np.bincount(stage_of * num_reqs + request, minlength=num_stages * num_reqs)
+    rows_per_request = rows_per_request.reshape(num_stages, num_reqs)
+    stage_query_start_loc = np.zeros((num_stages, num_reqs + 1), dtype=np.int64)
+    np.cumsum(rows_per_request, axis=1, out=stage_query_start_loc[:, 1:])
+    bounds = np.zeros(num_stages + 1, dtype=np.int64)
+    np.cumsum(kept.sum(axis=1), out=bounds[1:])
+    # A kept row's compact index: its request's stage cache length before the step, plus the request's rows that
+    # the stage keeps before it in this step.
+    rank = np.arange(len(rows)) - bounds[stage_of] - stage_query_start_loc[stage_of, request]
+    compact = cached[stage_of, request] + rank
+    # A row's index among the previous stage's rows (stage 1's previous rows are all the step's rows).
+    index_in_previous = np.empty((num_stages, num_rows), dtype=np.int64)
+    index_in_previous[0] = np.arange(num_rows)
+    np.cumsum(kept[:-1], axis=1, out=index_in_previous[1:])
+    index_in_previous[1:] -= 1
+    from_previous = index_in_previous[stage_of, rows]
+    seq_lens = cached[:num_stages] + rows_per_request
+    max_seq_lens, max_query_lens = seq_lens.max(axis=1).tolist(), rows_per_request.max(axis=1).tolist()
+    bounds = bounds.tolist()
+    stages = []
+    for index in range(num_stages):
+        part = slice(bounds[index], bounds[index + 1])
         stages.append(
             StagePlan(
-                stage,
-                rows,
-                np.searchsorted(previous_rows, rows),
-                stage_query_start_loc,
-                seq_lens - before[:, stage] - dropped_in_step,
-                request,
-                positions[rows] - before[request, stage] - dropped_earlier,
+                index + 1, rows[part], from_previous[part], stage_query_start_loc[index], seq_lens[index],
+                request[part], compact[part], max_seq_lens[index], max_query_lens[index],
             )
-        )
-        previous_rows = rows
-    return StepPlan(stages, drops=True)
+        )  # fmt: skip
+    return StepPlan(
+        stages, True, seq_lens, rows=rows, from_previous=from_previous, query_start_loc=stage_query_start_loc
+    )
 
 
 def _image_offsets(

@@ -410,12 +410,15 @@ def test_prefix_cache_reuses_the_text_before_the_first_image(reference):
 
 
 def test_decode_steps_read_stage_inputs_from_fixed_buffers(reference):
-    """What lets a decode step replay a full CUDA graph: each stage's sequence lengths and each stage group's slots
-    are read from the same device memory in every step, whatever the batch."""
+    """What lets a decode step replay a full CUDA graph captured at its size: each stage's sequence lengths are read
+    from the same device memory in every step, and each stage group's slots from the same memory in every step of
+    the same size (here the deepest stage's last group, whose place follows the other groups' slots)."""
     with engine(reference["checkpoints"]["adsc"]["path"]) as llm:
         _, _, model = engine_parts(llm)
         buffers = model.stage_inputs.buffers
-        stage_layer = next(layer for layer in model.language_model.model.layers if layer.self_attn.attn.adsc_stage > 0)
+        stage_layer = next(
+            layer for layer in reversed(model.language_model.model.layers) if layer.self_attn.attn.adsc_stage > 0
+        )
         layer_name = stage_layer.self_attn.attn.layer_name
         forward, seen = model.forward, []
 
@@ -423,11 +426,13 @@ def test_decode_steps_read_stage_inputs_from_fixed_buffers(reference):
             from vllm.forward_context import get_forward_context
 
             context = get_forward_context()
+            slot_mapping = context.slot_mapping[layer_name]
             seen.append(
                 (
                     model.stage_inputs.step.plan.drops,
                     context.attn_metadata[layer_name].seq_lens.data_ptr(),
-                    context.slot_mapping[layer_name].data_ptr(),
+                    len(slot_mapping),
+                    slot_mapping.data_ptr(),
                 )
             )
             return forward(*args, **kwargs)
@@ -437,10 +442,14 @@ def test_decode_steps_read_stage_inputs_from_fixed_buffers(reference):
         llm.generate(prompts[:2], SamplingParams(max_tokens=4), use_tqdm=False)
         llm.generate(prompts, SamplingParams(max_tokens=4), use_tqdm=False)
     stage = stage_layer.self_attn.attn.adsc_stage
-    seq_lens_ptr = buffers.device_views[buffers.seq_lens[stage]].data_ptr()
-    decode = [(seq_lens, slots) for drops, seq_lens, slots in seen if not drops]
-    assert len(decode) >= 6 and {seq_lens for seq_lens, _ in decode} == {seq_lens_ptr}
-    assert len({slots for _, slots in decode}) == 1
+    seq_lens_ptr = buffers.seq_lens_views(1)[1][stage - 1].data_ptr()
+    decode = [(seq_lens, size, slots) for drops, seq_lens, size, slots in seen if not drops]
+    assert len(decode) >= 6 and {seq_lens for seq_lens, _, _ in decode} == {seq_lens_ptr}
+    slots_by_size = {}
+    for _, size, slots in decode:
+        slots_by_size.setdefault(size, set()).add(slots)
+    assert len(slots_by_size) >= 2 and all(len(places) == 1 for places in slots_by_size.values()), slots_by_size
+    assert len({next(iter(places)) for places in slots_by_size.values()}) == len(slots_by_size)  # packed by size
 
 
 def test_engine_refuses_image_lengths_the_schedule_was_not_made_for(reference):

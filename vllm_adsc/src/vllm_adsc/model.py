@@ -150,7 +150,7 @@ class AdscLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 self._keep_final(final_hidden, final_residual, rows, hidden, residual)
                 if stage >= num_stages_run:
                     break  # this stage has no row in this step: its layers do not run
-                keep, rows = step.from_previous[stage], step.rows[stage]
+                keep, rows = step.from_previous[stage - 1], step.rows[stage - 1]
                 hidden, residual, positions = hidden[keep], residual[keep], positions[keep]
             hidden, residual = layer(positions, hidden, residual)
         else:

@@ -22,7 +22,7 @@ from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec, replace_as
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
-from vllm_adsc.stages import RequestImages, VisionSchedule
+from vllm_adsc.stages import ImagesByRequest, VisionSchedule
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,22 +57,13 @@ class AdscStageSpec(FullAttentionSpec):
         return all(isinstance(s, AdscStageSpec) and s.stage == self.stage for s in kv_cache_specs.values())
 
 
-class StageCounts:
-    """Each live request's `RequestImages`, by request id, made on first use from the scheduler's requests, and the
-    latest answer of `kept`: the KV cache coordinator asks every group, three times per request and step, with the
-    same token count."""
+class StageCounts(ImagesByRequest):
+    """Each live request's `RequestImages`, by request id, and the latest answer of `kept`: the KV cache coordinator
+    asks every group, three times per request and step, with the same token count."""
 
     def __init__(self, schedule: VisionSchedule, requests: dict) -> None:
-        self.schedule, self.requests = schedule, requests
-        self.images: dict[str, RequestImages] = {}
+        super().__init__(schedule, requests)
         self._latest: tuple[str, int, tuple[int, ...]] = ("", -1, ())
-
-    def __getitem__(self, request_id: str) -> RequestImages:
-        images = self.images.get(request_id)
-        if images is None:
-            images = RequestImages.from_features(self.schedule, self.requests[request_id].mm_features)
-            self.images[request_id] = images
-        return images
 
     def kept(self, request_id: str, num_tokens: int) -> tuple[int, ...]:
         """Of a request's first `num_tokens` tokens, how many each stage keeps."""
@@ -85,9 +76,6 @@ class StageCounts:
                 kept = tuple((num_tokens - images.dropped(num_tokens)).tolist())
             self._latest = (request_id, num_tokens, kept)
         return kept
-
-    def forget(self, request_id: str) -> None:
-        self.images.pop(request_id, None)
 
 
 class AdscStageManager(FullAttentionManager):

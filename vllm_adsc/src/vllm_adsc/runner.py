@@ -34,7 +34,7 @@ from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from vllm.v1.worker.gpu_worker import Worker
 
 from vllm_adsc.kv_cache import AdscStageSpec
-from vllm_adsc.stages import BatchImages, RequestImages, StepPlan, VisionSchedule, plan_step
+from vllm_adsc.stages import BatchImages, ImagesByRequest, StepPlan, VisionSchedule, plan_step
 
 
 class Region(NamedTuple):
@@ -211,7 +211,7 @@ class AdscModelRunnerMixin:
         super().load_model(*args, **kwargs)
         self.stage_inputs: StageInputs = self.get_model().stage_inputs
         self.vision_schedule = self.stage_inputs.schedule
-        self.request_images: dict[str, RequestImages] = {}
+        self.request_images = ImagesByRequest(self.vision_schedule, self.requests)
         self._batch_images: tuple[list[str], BatchImages] | None = None
         self._step_plan: StepPlan | None = None
 
@@ -277,7 +277,7 @@ class AdscModelRunnerMixin:
         self.group_table_start = np.arange(len(tables)) * (stacked.shape[1] * stacked.shape[2])
 
     def _on_request_state_removed(self, req_id: str, req_state) -> None:
-        self.request_images.pop(req_id, None)
+        self.request_images.forget(req_id)
         super()._on_request_state_removed(req_id, req_state)
 
     def _images_of_batch(self, req_ids: list[str]) -> BatchImages:
@@ -290,19 +290,12 @@ class AdscModelRunnerMixin:
             rows = [row for row, (new, old) in enumerate(zip(req_ids, previous_ids, strict=False)) if new is not old]
             rows += range(len(previous_ids), len(req_ids))
             if 2 * len(rows) <= len(req_ids):
-                images = previous.with_rows(len(req_ids), rows, [self._request_images(req_ids[row]) for row in rows])
+                images = previous.with_rows(len(req_ids), rows, [self.request_images[req_ids[row]] for row in rows])
                 self._batch_images = (list(req_ids), images)
                 return images
-        requests = [self._request_images(req_id) for req_id in req_ids]
+        requests = [self.request_images[req_id] for req_id in req_ids]
         self._batch_images = (list(req_ids), BatchImages.of(requests, self.vision_schedule.num_stages))
         return self._batch_images[1]
-
-    def _request_images(self, req_id: str) -> RequestImages:
-        images = self.request_images.get(req_id)
-        if images is None:
-            images = RequestImages.from_features(self.vision_schedule, self.requests[req_id].mm_features)
-            self.request_images[req_id] = images
-        return images
 
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens: np.ndarray):
         prepared = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)

@@ -128,6 +128,25 @@ class RequestImages:
         return num_tokens - int(self.dropped(num_tokens)[stage])
 
 
+class ImagesByRequest:
+    """Each live request's `RequestImages`, by request id, made on first use from the request's image placeholder
+    ranges (`requests[request_id].mm_features`: vLLM's scheduler and model runner each hold such a dict)."""
+
+    def __init__(self, schedule: VisionSchedule, requests: dict) -> None:
+        self.schedule, self.requests = schedule, requests
+        self.images: dict[str, RequestImages] = {}
+
+    def __getitem__(self, request_id: str) -> RequestImages:
+        images = self.images.get(request_id)
+        if images is None:
+            images = RequestImages.from_features(self.schedule, self.requests[request_id].mm_features)
+            self.images[request_id] = images
+        return images
+
+    def forget(self, request_id: str) -> None:
+        self.images.pop(request_id, None)
+
+
 @dataclass
 class BatchImages:
     """The images of a step's requests, in the runner's row order, as arrays.

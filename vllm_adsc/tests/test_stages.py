@@ -151,6 +151,7 @@ def test_a_step_of_only_dropped_image_tokens_plans_no_empty_stage():
     images = BatchImages.of([RequestImages(schedule, [2])], 3)
     plan = plan_step(schedule, images, np.array([4]), np.array([1]))  # only offset 2
     assert plan.drops and plan.stages == []
+    assert plan.rows.tolist() == plan.from_previous.tolist() == [] and plan.query_start_loc.shape == (0, 2)
     plan = plan_step(schedule, images, np.array([3]), np.array([2]))  # offsets 1 and 2: stage 2 keeps neither
     assert plan.drops and [stage.rows.tolist() for stage in plan.stages] == [[0]]
 

@@ -355,18 +355,20 @@ def test_preempted_requests_recompute_to_hf_answers_and_free_every_block(referen
 SMALL_KV_CACHE_BYTES = 20 * 16 * 1024
 
 
-def test_steps_whose_rows_a_stage_drops_entirely_equal_hf(reference):
+@pytest.mark.parametrize("chunk, expected_stages_run", [(3, {2, 3}), (1, {1, 2, 3})])
+def test_steps_whose_rows_a_stage_drops_entirely_equal_hf(reference, chunk, expected_stages_run):
     """Chunks of 3 tokens: some chunks hold only image tokens that the last stage drops, so its layers do not run in
-    that step (no zero-row kernel launch), and the answers are still HF's."""
+    that step (no zero-row kernel launch); chunks of 1 token: the same for the first pruned stage, and with it every
+    deeper one. The answers are still HF's."""
     answers = reference["checkpoints"]["adsc"]
-    with engine(answers["path"], max_num_batched_tokens=3, max_num_seqs=1, block_size=32) as llm:
+    with engine(answers["path"], max_num_batched_tokens=chunk, max_num_seqs=1, block_size=32) as llm:
         _, _, model = engine_parts(llm)
         llm.llm_engine.add_request("0", vllm_prompts(reference)[0], greedy_params(reference))
         stages_run, outputs = set(), []
         while llm.llm_engine.has_unfinished_requests():
             outputs += [o for o in llm.llm_engine.step() if o.finished]
             stages_run.add(len(model.stage_rows))
-    assert stages_run == {2, 3}  # stages that ran: all three, or the first two
+    assert stages_run == expected_stages_run  # how many of the three stages ran in a step
     assert compare(answers["answers"][:1], outputs) == 0
 
 

@@ -330,7 +330,9 @@ def _plan_dropping_step(
     # Each stage keeps a subset of the previous one's rows: the stages with rows come first.
     num_stages = int(np.count_nonzero(kept.any(axis=1)))
     if num_stages == 0:
-        return StepPlan([], True, cached[:0])
+        no_rows = np.zeros(0, dtype=np.int64)
+        no_stages = np.zeros((0, num_reqs + 1), dtype=np.int64)
+        return StepPlan([], True, cached[:0], rows=no_rows, from_previous=no_rows, query_start_loc=no_stages)
     kept = kept[:num_stages]
     stage_of, rows = np.nonzero(kept)  # every stage's rows, stage by stage
     request = request_of_row[rows]

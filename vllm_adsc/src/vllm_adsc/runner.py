@@ -19,7 +19,6 @@ same buffers (`StageInputs.step`).
 """
 
 import functools
-import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -38,12 +37,9 @@ from vllm_adsc.stages import BatchImages, ImagesByRequest, StepPlan, VisionSched
 
 
 class Region(NamedTuple):
-    """One array's place in `StageBuffers`: its host view (numpy and torch) and its device view, and for a 2-D array
-    the views of its rows."""
+    """One 2-D array's place in `StageBuffers`: its host view (numpy), and its rows' host and device tensors."""
 
     host: np.ndarray
-    host_tensor: torch.Tensor
-    device: torch.Tensor
     host_rows: tuple[torch.Tensor, ...]
     device_rows: tuple[torch.Tensor, ...]
 
@@ -87,11 +83,11 @@ class StageBuffers:
         """Start a step's packed arrays at the first place after the sequence lengths."""
         self.cursor = self.start
 
-    def take(self, dtype: type, shape: tuple[int, ...]) -> Region:
+    def take(self, dtype: type, shape: tuple[int, int]) -> Region:
         """The next place for an array of `shape`, after those the step took before."""
         itemsize = np.dtype(dtype).itemsize
         offset = self.cursor + -self.cursor % itemsize
-        self.cursor = offset + itemsize * math.prod(shape)
+        self.cursor = offset + itemsize * shape[0] * shape[1]
         if self.cursor > len(self.host):
             raise RuntimeError(f"ADSC's stage buffers hold {len(self.host)} bytes; this step needs {self.cursor}.")
         key = (offset, dtype, shape)
@@ -100,10 +96,8 @@ class StageBuffers:
             if len(self._regions) > 4096:  # steps repeat their sizes (decode); keep the views of recent ones
                 self._regions.clear()
             host = self._host_bytes[offset : self.cursor].view(dtype).reshape(shape)
-            host_tensor = torch.from_numpy(host)
             device = self.device[offset : self.cursor].view(TORCH_DTYPES[dtype]).view(shape)
-            rows = (host_tensor.unbind(0), device.unbind(0)) if len(shape) == 2 else ((), ())
-            region = self._regions[key] = Region(host, host_tensor, device, *rows)
+            region = self._regions[key] = Region(host, torch.from_numpy(host).unbind(0), device.unbind(0))
         return region
 
     def send(self) -> None:

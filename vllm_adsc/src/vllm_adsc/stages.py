@@ -285,14 +285,7 @@ def plan_step(
     if len(request_of_row) == num_reqs and num_scheduled.max() == 1 and (num_computed >= images.end).all():
         # A decode step: one row per request, every image cached. Its row goes after what each stage cached.
         compact = num_computed - images.total[:, 1:].T
-        seq_lens = compact + 1
-        max_seq_lens = seq_lens.max(axis=1).tolist()
-        stages = [
-            StagePlan(stage, None, None, query_start_loc, seq_lens[stage - 1], request_of_row, compact[stage - 1],
-                      max_seq_lens[stage - 1], 1)
-            for stage in range(1, schedule.num_stages)
-        ]  # fmt: skip
-        return StepPlan(stages, False, seq_lens, compact=compact)
+        return _plan_keeping_every_row(schedule, query_start_loc, request_of_row, compact, compact + 1, 1)
     # Each stage's cache length before this step, (K, R): the compact index of a request's next kept token.
     cached = num_computed - images.dropped(num_computed)[:, 1:].T
     offsets = _image_offsets(schedule, images, num_computed, num_computed + num_scheduled, query_start_loc)
@@ -300,18 +293,31 @@ def plan_step(
         # No row dropped in this step (the deepest stage keeps the fewest): every stage keeps every row, packed after
         # what the stage cached before.
         compact = cached[:, request_of_row] + (np.arange(len(request_of_row)) - query_start_loc[request_of_row])
-        seq_lens = cached + num_scheduled
-        max_seq_lens = seq_lens.max(axis=1).tolist()
-        max_query_len = int(num_scheduled.max())
-        stages = [
-            StagePlan(
-                stage, None, None, query_start_loc, seq_lens[stage - 1], request_of_row, compact[stage - 1],
-                max_seq_lens[stage - 1], max_query_len,
-            )
-            for stage in range(1, schedule.num_stages)
-        ]  # fmt: skip
-        return StepPlan(stages, False, seq_lens, compact=compact)
+        return _plan_keeping_every_row(
+            schedule, query_start_loc, request_of_row, compact, cached + num_scheduled, int(num_scheduled.max())
+        )
     return _plan_dropping_step(schedule, offsets, cached, query_start_loc, request_of_row)
+
+
+def _plan_keeping_every_row(
+    schedule: VisionSchedule,
+    query_start_loc: np.ndarray,
+    request_of_row: np.ndarray,
+    compact: np.ndarray,
+    seq_lens: np.ndarray,
+    max_query_len: int,
+) -> StepPlan:
+    """`plan_step` for a step that drops no row: every stage computes on every row. `compact`: `(K, T)`;
+    `seq_lens`: `(K, R)`."""
+    max_seq_lens = seq_lens.max(axis=1).tolist()
+    stages = [
+        StagePlan(
+            stage, None, None, query_start_loc, seq_lens[stage - 1], request_of_row, compact[stage - 1],
+            max_seq_lens[stage - 1], max_query_len,
+        )
+        for stage in range(1, schedule.num_stages)
+    ]  # fmt: skip
+    return StepPlan(stages, False, seq_lens, compact=compact)
 
 
 def _plan_dropping_step(

@@ -9,11 +9,13 @@ import gc
 
 import pytest
 from PIL import Image
+from torch._dynamo.utils import counters
 from vllm import LLM, SamplingParams
 from vllm.distributed import cleanup_dist_env_and_memory
 from vllm.platforms import current_platform
 
 import vllm_adsc
+from vllm_adsc.model import run_layers
 
 TOP_LOGPROBS = 5
 
@@ -100,10 +102,14 @@ def test_greedy_answers_equal_hf(reference, checkpoint, block_size):
 
 
 def test_compiled_language_model_equals_hf(reference):
-    """Without enforce_eager vLLM compiles the language model: steps that drop nothing (decode) run it compiled."""
+    """Without enforce_eager vLLM compiles the language model, which steps that drop nothing (decode) run, and ADSC
+    compiles each stage's layers for the steps that drop tokens: all of it at start-up, none while serving."""
     answers = reference["checkpoints"]["adsc"]
     with engine(answers["path"], enforce_eager=False) as llm:
+        assert llm.apply_model(lambda model: model.run_stage is not run_layers) == [True]
+        graphs_at_start = counters["stats"]["unique_graphs"]
         assert compare(answers["answers"], greedy(llm, reference)) == 0
+        assert counters["stats"]["unique_graphs"] == graphs_at_start
 
 
 def test_adsc_and_stock_differ_where_images_are_pruned(reference):

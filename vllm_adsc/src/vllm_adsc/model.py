@@ -12,7 +12,9 @@ The delta over `vllm.model_executor.models.llava.LlavaForConditionalGeneration`:
       output of every row = its state after the last layer it reached, then the final norm (as the HF model)
 
   Steps that drop nothing (decode steps, text-only prefills) run vLLM's compiled language model as it is: each
-  stage's layers read their own attention metadata and slots, which the model runner prepared (`runner`);
+  stage's layers read their own attention metadata and slots, which the model runner prepared (`runner`). In steps
+  that drop tokens, each stage's layers run as one `torch.compile`d function with a dynamic row count, unless vLLM
+  runs eagerly (`enforce_eager`); the gathers between stages stay eager;
 - the KV cache spec of each layer, which names its stage (`kv_cache.AdscStageSpec`), so that each stage's layers get
   KV cache groups sized by the tokens the stage keeps, and the attention backend of the layers after the first
   pruning layer, whose metadata builder gives them their stage's sequence lengths and rows (`runner.stage_backend`);
@@ -22,10 +24,12 @@ The vision tower, projector, weights, processor and sampler are vLLM's own. The 
 the model runner, from state vLLM already holds there: the forward reads no device tensor on the host.
 """
 
+import itertools
 import re
 
 import torch
-from vllm.config import VllmConfig
+from torch import nn
+from vllm.config import CompilationMode, VllmConfig
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.models.llava import (
     LlavaDummyInputsBuilder,
@@ -112,8 +116,14 @@ class AdscLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         self.schedule = VisionSchedule.from_config(config)
         self.stage_inputs = StageInputs(self.schedule)
         self.stage_rows: list[int] = []  # rows each stage computed on in the latest step that ran the forward
+        layers = self.language_model.model.layers
+        bounds = (0, *self.schedule.pruning_layers, len(layers))
+        self.stage_layers = [list(layers[start:end]) for start, end in itertools.pairwise(bounds)]
+        compiled = vllm_config.compilation_config.mode != CompilationMode.NONE
+        # One code object serves every stage (a graph each: their attention layers' names differ).
+        self.run_stage = torch.compile(run_layers, dynamic=False) if compiled else run_layers
         if self.schedule.pruning_layers:
-            attention_layers = [layer.self_attn.attn for layer in self.language_model.model.layers]
+            attention_layers = [layer.self_attn.attn for layer in layers]
             check_model(attention_layers)
             tag_stages(attention_layers, self.schedule, self.stage_inputs)
 
@@ -137,25 +147,40 @@ class AdscLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
     def _forward_dropping(self, hidden: torch.Tensor, positions: torch.Tensor, step) -> torch.Tensor:
         """The layer loop of a step that drops tokens. hidden: `(T, H)`; positions: `(T,)`. Returns `(T, H)`."""
-        language_model = self.language_model.model
-        stage_at_layer = {layer: stage for stage, layer in enumerate(self.schedule.pruning_layers, start=1)}
         num_stages_run = len(step.plan.stages) + 1
         self.stage_rows = [len(positions)] + [plan.num_rows for plan in step.plan.stages]
         # Each row's output is its state when it left (dropped, or after the last layer), as in the HF model.
         final_hidden, final_residual = torch.empty_like(hidden), torch.empty_like(hidden)
         rows, residual = None, None
-        for index, layer in enumerate(language_model.layers):
-            stage = stage_at_layer.get(index)
-            if stage is not None:
+        for stage, layers in enumerate(self.stage_layers):
+            if stage > 0:
                 self._keep_final(final_hidden, final_residual, rows, hidden, residual)
                 if stage >= num_stages_run:
                     break  # this stage has no row in this step: its layers do not run
                 keep, rows = step.from_previous[stage - 1], step.rows[stage - 1]
                 hidden, residual, positions = hidden[keep], residual[keep], positions[keep]
-            hidden, residual = layer(positions, hidden, residual)
+            hidden, residual = self.run_stage(layers, *mark_rows_dynamic(positions, hidden, residual))
         else:
             self._keep_final(final_hidden, final_residual, rows, hidden, residual)
-        return language_model.norm(final_hidden, final_residual)[0]
+        return self.language_model.model.norm(final_hidden, final_residual)[0]
+
+    def warm_up_stages(self, num_rows: int) -> bool:
+        """Compile each stage's layers on `num_rows` dummy rows, so that the first step that drops tokens does not
+        wait for it; False if they run eagerly. Run inside a forward context without attention metadata."""
+        if self.run_stage is run_layers:
+            return False
+        # The graphs guard on what a step passes: embeddings from the runner's buffer (made outside inference mode),
+        # then rows gathered in inference mode.
+        embeddings = self.language_model.model.embed_tokens.weight
+        hidden = torch.zeros(num_rows, embeddings.shape[1], dtype=embeddings.dtype, device=embeddings.device)
+        positions = torch.arange(num_rows, device=embeddings.device)
+        keep, residual = positions.clone(), None
+        with torch.inference_mode():
+            for stage, layers in enumerate(self.stage_layers):
+                if stage > 0:
+                    hidden, residual, positions = hidden[keep], residual[keep], positions[keep]
+                hidden, residual = self.run_stage(layers, *mark_rows_dynamic(positions, hidden, residual))
+        return True
 
     @staticmethod
     def _keep_final(final_hidden, final_residual, rows, hidden, residual) -> None:
@@ -164,6 +189,23 @@ class AdscLlavaForConditionalGeneration(LlavaForConditionalGeneration):
             final_hidden[: len(hidden)], final_residual[: len(hidden)] = hidden, residual
         else:
             final_hidden[rows], final_residual[rows] = hidden, residual
+
+
+def run_layers(
+    layers: list[nn.Module], positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One stage of the layer loop. positions: `(R,)`; hidden, residual: `(R, H)` (residual None before layer 0)."""
+    for layer in layers:
+        hidden, residual = layer(positions, hidden, residual)
+    return hidden, residual
+
+
+def mark_rows_dynamic(*row_tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Compile the stages for any row count (one graph each, another for a single row) rather than per count."""
+    for tensor in row_tensors:
+        if tensor is not None:
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+    return row_tensors
 
 
 def check_model(attention_layers: list[Attention]) -> None:

@@ -19,11 +19,14 @@ same buffers (`StageInputs.step`).
 """
 
 import functools
+import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 import torch
+from vllm.forward_context import set_forward_context
+from vllm.logger import init_logger
 from vllm.utils.platform_utils import is_pin_memory_available
 from vllm.v1.attention.backend import AttentionBackend, subclass_attention_backend
 from vllm.v1.worker.block_table import SlotMappingMode
@@ -34,6 +37,8 @@ from vllm.v1.worker.gpu_worker import Worker
 
 from vllm_adsc.kv_cache import AdscStageSpec
 from vllm_adsc.stages import BatchImages, ImagesByRequest, StepPlan, VisionSchedule, plan_step
+
+logger = init_logger(__name__)
 
 
 class Region(NamedTuple):
@@ -208,6 +213,16 @@ class AdscModelRunnerMixin:
         self.request_images = ImagesByRequest(self.vision_schedule, self.requests)
         self._batch_images: tuple[list[str], BatchImages] | None = None
         self._step_plan: StepPlan | None = None
+
+    def profile_run(self, *args, **kwargs) -> None:
+        super().profile_run(*args, **kwargs)
+        # Compile the stages of steps that drop tokens at start-up (where vLLM compiles its own graphs), not at the
+        # first request with an image.
+        num_rows, started = min(16, self.max_num_tokens), time.perf_counter()
+        with set_forward_context(None, self.vllm_config, num_tokens=num_rows):
+            if self.get_model().warm_up_stages(num_rows):
+                seconds = time.perf_counter() - started
+                logger.info("ADSC-LLaVA: compiled the stages of steps that drop tokens in %.1f s", seconds)
 
     def initialize_metadata_builders(self, kv_cache_config, kernel_block_sizes: list[int]) -> None:
         groups = kv_cache_config.kv_cache_groups

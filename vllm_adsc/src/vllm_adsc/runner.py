@@ -38,7 +38,7 @@ from vllm.v1.worker.gpu_worker import Worker
 from vllm_adsc.kv_cache import AdscStageSpec
 from vllm_adsc.stages import BatchImages, ImagesByRequest, StepPlan, VisionSchedule, plan_step
 
-logger = init_logger(__name__)
+logger = init_logger(f"vllm.{__name__}")  # under vLLM's logger, which vLLM gives a handler and level
 
 
 class Region(NamedTuple):

@@ -534,3 +534,20 @@ def test_full_cuda_graph_decode_equals_eager_on_a_gpu(reference):
             answers[mode] = [list(output.outputs[0].token_ids) for output in llm.generate(prompts, params)]
         del llm
     assert answers["full"] == answers["eager"]
+
+
+def test_throughput_bench_counts_every_request_and_token(reference):
+    """`python -m vllm_adsc.bench` (eager, tiny checkpoint): stock and one budget, each engine given the same KV cache,
+    every request's output tokens counted once per round, and the table's other columns filled."""
+    from vllm_adsc import bench
+
+    checkpoint = reference["checkpoints"]["adsc"]["path"]
+    image = next(image for prompt in reference["prompts"] for image in prompt["images"])
+    stock, adsc = bench.main(
+        [checkpoint, image, "--budgets", "24", "--requests", "12", "--output-tokens", "4", "--kv-cache-mb", "0.2"]
+        + ["--block-size", "32", "--max-model-len", "128", "--dtype", "float32", "--enforce-eager"]
+    )
+    assert (stock.name, adsc.name) == ("stock", "ADSC 24")
+    for result in (stock, adsc):
+        assert (result.requests, result.output_tokens) == (12, 12 * 4) and result.preemptions >= 0
+    assert adsc.max_running >= stock.max_running > 0

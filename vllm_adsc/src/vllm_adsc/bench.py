@@ -33,6 +33,7 @@ class Throughput:
     requests: int
     output_tokens: int
     max_running: int
+    preemptions: int  # times a request went back to the queue for want of KV blocks (and recomputes its prompt)
 
     @property
     def requests_per_second(self) -> float:
@@ -80,6 +81,7 @@ def run_schedule(name: str, checkpoint: str, schedule: dict, prompt: dict, args:
         rounds = []
         for round_index in range(args.repeats):
             started, cpu_started, output_tokens, max_running = time.perf_counter(), time.process_time(), 0, 0
+            preemptions: dict[str, int] = {}
             for index in range(args.requests):
                 engine.add_request(f"{round_index}-{index}", prompt, params)
             while engine.has_unfinished_requests():
@@ -88,8 +90,13 @@ def run_schedule(name: str, checkpoint: str, schedule: dict, prompt: dict, args:
                         output_tokens += len(output.outputs[0].token_ids)
                 if scheduler is not None:
                     max_running = max(max_running, len(scheduler.running))
+                    preemptions |= {key: request.num_preemptions for key, request in scheduler.requests.items()}
             seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
-            rounds.append(Throughput(name, seconds, cpu_seconds, args.requests, output_tokens, max_running))
+            rounds.append(
+                Throughput(
+                    name, seconds, cpu_seconds, args.requests, output_tokens, max_running, sum(preemptions.values())
+                )
+            )
         return min(rounds, key=lambda result: result.seconds)
     finally:
         del llm
@@ -116,7 +123,8 @@ def run_overhead(name: str, checkpoint: str, schedule: dict, prompt: dict, args)
         cleanup_dist_env_and_memory()
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> list[Throughput] | None:
+    """Print the table; returns the throughput per schedule (None with --overhead)."""
     parser = argparse.ArgumentParser(prog="python -m vllm_adsc.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="an ADSC-LLaVA checkpoint folder")
     parser.add_argument("image", help="the image every request asks about")
@@ -149,12 +157,12 @@ def main(argv: list[str] | None = None) -> None:
         overhead.print_table(
             [cost for name, sched in schedules for cost in run_overhead(name, args.checkpoint, sched, prompt, args)]
         )
-        return
+        return None
     results = [run_schedule(name, args.checkpoint, schedule, prompt, args) for name, schedule in schedules]
     print(f"{args.requests} requests (one image, {args.output_tokens} output tokens), KV cache {args.kv_cache_mb} MB")
     print(
         f"{'schedule':<10} {'requests/s':>10} {'tokens/s':>9} {'x stock':>8} {'tokens/CPU s':>12} {'x stock':>8} "
-        f"{'max running':>11} {'x stock':>8}"
+        f"{'max running':>11} {'x stock':>8} {'preempted':>9}"
     )
     stock = results[0]
     for result in results:
@@ -162,8 +170,9 @@ def main(argv: list[str] | None = None) -> None:
             f"{result.name:<10} {result.requests_per_second:>10.2f} {result.tokens_per_second:>9.1f} "
             f"{result.tokens_per_second / stock.tokens_per_second:>8.2f} {result.tokens_per_cpu_second:>12.1f} "
             f"{result.tokens_per_cpu_second / stock.tokens_per_cpu_second:>8.2f} {result.max_running:>11} "
-            f"{result.max_running / max(stock.max_running, 1):>8.2f}"
+            f"{result.max_running / max(stock.max_running, 1):>8.2f} {result.preemptions:>9}"
         )
+    return results
 
 
 if __name__ == "__main__":

@@ -8,4 +8,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 cd "$here"
 # vLLM on the CPU with 1 GiB of KV cache, its engine core in the test process (so tests can reach the model), offline.
 export VLLM_TARGET_DEVICE=cpu VLLM_CPU_KVCACHE_SPACE=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 HF_HUB_OFFLINE=1
+# Inductor compiles the engines' graphs in this process: no pool of compile workers taking the cores that CI's
+# other tests run on.
+export TORCHINDUCTOR_COMPILE_THREADS=1
 exec .venv/bin/python -m pytest -q -p no:cacheprovider tests "$@"

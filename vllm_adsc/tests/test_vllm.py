@@ -536,17 +536,27 @@ def test_full_cuda_graph_decode_equals_eager_on_a_gpu(reference):
     assert answers["full"] == answers["eager"]
 
 
-def test_throughput_bench_counts_every_request_and_token(reference):
-    """`python -m vllm_adsc.bench` (eager, tiny checkpoint): stock and one budget, each engine given the same KV cache,
-    every request's output tokens counted once per round, and the table's other columns filled."""
+def test_throughput_bench_counts_every_request_and_token(reference, monkeypatch):
+    """`python -m vllm_adsc.bench` (eager, tiny checkpoint): stock and one budget, each engine given the same KV cache
+    and watermark, every request's output tokens counted once per round, and the table's other columns filled."""
     from vllm_adsc import bench
 
+    watermarks = []
+
+    def engine_with_watermark_seen(*args, **kwargs):
+        llm = LLM(*args, **kwargs)
+        watermarks.append(llm.llm_engine.vllm_config.scheduler_config.watermark)
+        return llm
+
+    monkeypatch.setattr(bench, "LLM", engine_with_watermark_seen)
     checkpoint = reference["checkpoints"]["adsc"]["path"]
     image = next(image for prompt in reference["prompts"] for image in prompt["images"])
     stock, adsc = bench.main(
         [checkpoint, image, "--budgets", "24", "--requests", "12", "--output-tokens", "4", "--kv-cache-mb", "0.2"]
         + ["--block-size", "32", "--max-model-len", "128", "--dtype", "float32", "--enforce-eager"]
+        + ["--watermark", "0.125"]
     )
+    assert watermarks == [0.125, 0.125]
     assert (stock.name, adsc.name) == ("stock", "ADSC 24")
     for result in (stock, adsc):
         assert (result.requests, result.output_tokens) == (12, 12 * 4) and result.preemptions >= 0

@@ -1,7 +1,7 @@
 """Offline throughput in vLLM at a fixed KV cache memory: stock LLaVA vs ADSC at several budgets, same weights.
 
     python -m vllm_adsc.bench CHECKPOINT IMAGE [--budgets 192 128 64] [--requests 64] [--kv-cache-mb 64]
-        [--output-tokens 32] [--repeats 1] [--dtype bfloat16] [--load-format dummy]
+        [--output-tokens 32] [--watermark 0.2] [--repeats 1] [--dtype bfloat16] [--load-format dummy]
     python -m vllm_adsc.bench CHECKPOINT IMAGE --overhead [--batch-sizes 1 16 64 256]   (see `overhead`)
 
 One engine per schedule (stock is the empty schedule, the others re-solve `r` with `with_budget` and reach the model
@@ -49,7 +49,8 @@ class Throughput:
 
 
 def make_engine(checkpoint: str, schedule: dict, args: argparse.Namespace, **settings) -> LLM:
-    """A vLLM engine for `schedule` with the bench's KV cache memory, block size, dtype and weights, and `settings`."""
+    """A vLLM engine for `schedule` with the bench's KV cache memory, block size, watermark, dtype and weights, and
+    `settings`."""
     return LLM(
         model=checkpoint,
         trust_remote_code=True,
@@ -58,6 +59,7 @@ def make_engine(checkpoint: str, schedule: dict, args: argparse.Namespace, **set
         load_format=args.load_format,
         kv_cache_memory_bytes=int(args.kv_cache_mb * 2**20),
         block_size=args.block_size,
+        watermark=args.watermark,
         max_model_len=args.max_model_len,
         enable_prefix_caching=False,
         seed=0,
@@ -133,6 +135,13 @@ def main(argv: list[str] | None = None) -> list[Throughput] | None:
     parser.add_argument("--output-tokens", type=int, default=32)
     parser.add_argument("--kv-cache-mb", type=float, default=64, help="KV cache memory of every engine")
     parser.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default: vLLM's)")
+    parser.add_argument(
+        "--watermark",
+        type=float,
+        default=0.0,
+        help="vLLM's admission watermark, the same for every engine: the fraction of KV blocks a new request must "
+        "leave free (fewer preemptions when many requests decode at once)",
+    )
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--load-format", default="auto", help="'dummy': random weights built by vLLM")
@@ -159,7 +168,10 @@ def main(argv: list[str] | None = None) -> list[Throughput] | None:
         )
         return None
     results = [run_schedule(name, args.checkpoint, schedule, prompt, args) for name, schedule in schedules]
-    print(f"{args.requests} requests (one image, {args.output_tokens} output tokens), KV cache {args.kv_cache_mb} MB")
+    print(
+        f"{args.requests} requests (one image, {args.output_tokens} output tokens), KV cache {args.kv_cache_mb} MB, "
+        f"watermark {args.watermark:g}"
+    )
     print(
         f"{'schedule':<10} {'requests/s':>10} {'tokens/s':>9} {'x stock':>8} {'tokens/CPU s':>12} {'x stock':>8} "
         f"{'max running':>11} {'x stock':>8} {'preempted':>9}"
